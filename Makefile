@@ -1,0 +1,34 @@
+# One entry point for people and CI. `make test` and `make demo` build .venv on first use
+# (reused afterwards; rebuilt when pyproject.toml changes).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint typecheck unit demo clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[core,dev]"
+	@touch $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(PY) -m pytest -q
+
+test: lint typecheck unit
+
+demo: venv
+	$(PY) -m tid_core.demo
+
+clean:
+	rm -rf var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,72 @@
+"""Distributed plumbing read from torchrun's environment; single-process values otherwise."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed(device: torch.device) -> None:
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """Mean over ranks (a copy); identity in a single process."""
+    out = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out)
+        out /= get_world_size()
+    return out
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    out = values.detach().clone()
+    if is_distributed():
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def gather_to_main(obj: Any) -> list[Any]:
+    """Every rank's object on rank 0 (an empty list elsewhere)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size() if is_main_process() else []
+    dist.gather_object(obj, out if is_main_process() else None, dst=0)
+    return out
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def cleanup() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

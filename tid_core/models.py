@@ -1,0 +1,221 @@
+"""Detectors (torchvision FCOS / RetinaNet) on hand-built FPNs, and their weight files.
+
+Every backbone yields the same five FPN levels (P3..P7, strides 8..128) at a chosen width, so a
+teacher and a student of different backbones produce aligned feature grids. torchvision's own
+FPN helpers fix the width at 256; we build `BackboneWithFPN` directly to choose it.
+No pretrained weights are ever downloaded.
+
+Weight files carry metadata (arch, backbone, classes, ...) and are checked against what the
+caller declares before a strict load: a mismatch raises `WeightsMismatchError`, never a partial
+load.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
+from torchvision.models.detection import FCOS, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import BackboneWithFPN
+from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+
+STRIDES = (8, 16, 32, 64, 128)
+WEIGHTS_FORMAT = "tid-detector-v1"
+
+
+@dataclass(frozen=True)
+class _BackboneDef:
+    build: Callable[[], nn.Module]
+    return_layers: dict[str, str]  # module name -> FPN input name, strides 8, 16, 32
+    in_channels: list[int]
+
+
+def _resnet(fn: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
+    return lambda: fn(weights=None)
+
+
+def _mobilenet() -> nn.Module:
+    # The stride-8/16/32 stages end at features[6], [12], [16]; the classifier is not needed.
+    features: nn.Module = mobilenet_v3_large(weights=None).features
+    return features
+
+
+_RESNET_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
+BACKBONES: dict[str, _BackboneDef] = {
+    "resnet18": _BackboneDef(_resnet(resnet18), _RESNET_LAYERS, [128, 256, 512]),
+    "resnet34": _BackboneDef(_resnet(resnet34), _RESNET_LAYERS, [128, 256, 512]),
+    "resnet50": _BackboneDef(_resnet(resnet50), _RESNET_LAYERS, [512, 1024, 2048]),
+    "mobilenet_v3_large": _BackboneDef(
+        _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960]
+    ),
+}
+ARCHS = ("fcos", "retinanet")
+
+
+class WeightsMismatchError(ValueError):
+    """Weights that do not fit the declared detector (arch, backbone, classes, shapes)."""
+
+
+@dataclass(frozen=True)
+class DetectorMeta:
+    """What a weight file says about the detector it holds."""
+
+    arch: str
+    backbone: str
+    num_classes: int
+    fpn_channels: int
+    input_size: int
+    class_names: list[str] = field(default_factory=list)
+    cat_ids: list[int] = field(default_factory=list)
+    spec_hash: str = ""
+
+    def to_strings(self) -> dict[str, str]:
+        """safetensors metadata must be str -> str."""
+        out = {k: json.dumps(v) for k, v in asdict(self).items()}
+        out["format"] = WEIGHTS_FORMAT
+        return out
+
+    @classmethod
+    def from_strings(cls, raw: dict[str, str]) -> DetectorMeta:
+        if raw.get("format") != WEIGHTS_FORMAT:
+            raise WeightsMismatchError(
+                f"weights metadata format is {raw.get('format')!r}, expected {WEIGHTS_FORMAT!r}"
+            )
+        names = cls.__dataclass_fields__
+        return cls(**{k: json.loads(v) for k, v in raw.items() if k in names})
+
+
+def _fpn_backbone(backbone: str, fpn_channels: int) -> BackboneWithFPN:
+    if backbone not in BACKBONES:
+        raise ValueError(f"unknown backbone {backbone!r}; expected one of {sorted(BACKBONES)}")
+    spec = BACKBONES[backbone]
+    return BackboneWithFPN(
+        spec.build(),
+        return_layers=spec.return_layers,
+        in_channels_list=spec.in_channels,
+        out_channels=fpn_channels,
+        extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels),
+    )
+
+
+def build_detector(
+    *, arch: str, backbone: str, num_classes: int, fpn_channels: int = 128, image_size: int = 512
+) -> FCOS | RetinaNet:
+    """A randomly initialised detector whose transform resizes inputs to `image_size`.
+
+    Eval keeps low-score boxes (0.05) because COCO mAP needs the whole precision curve.
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if fpn_channels % 32:
+        raise ValueError(f"fpn_channels must be a multiple of 32 (GroupNorm), got {fpn_channels}")
+    body = _fpn_backbone(backbone, fpn_channels)
+    common = {"min_size": image_size, "max_size": image_size, "score_thresh": 0.05}
+    if arch == "fcos":
+        anchors = AnchorGenerator(tuple((s,) for s in STRIDES), ((1.0,),) * len(STRIDES))
+        return FCOS(body, num_classes, anchor_generator=anchors, **common)
+    if arch == "retinanet":
+        sizes = tuple(tuple(int(4 * s * 2 ** (k / 3)) for k in range(3)) for s in STRIDES)
+        anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(STRIDES))
+        return RetinaNet(body, num_classes, anchor_generator=anchors, **common)
+    raise ValueError(f"unknown arch {arch!r}; expected one of {list(ARCHS)}")
+
+
+def build_from_meta(meta: DetectorMeta) -> FCOS | RetinaNet:
+    return build_detector(
+        arch=meta.arch,
+        backbone=meta.backbone,
+        num_classes=meta.num_classes,
+        fpn_channels=meta.fpn_channels,
+        image_size=meta.input_size,
+    )
+
+
+def save_weights(model: nn.Module, meta: DetectorMeta, path: Path) -> None:
+    """Write a detector's weights with metadata, as `.safetensors` or `.pt` by suffix."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        save_file(state, str(tmp), metadata=meta.to_strings())
+    else:
+        torch.save({"state_dict": state, "metadata": meta.to_strings()}, tmp)
+    tmp.replace(path)
+
+
+def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], DetectorMeta | None]:
+    """Read a weight file without running any pickled code (safetensors or weights_only)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+        return load_file(str(path)), DetectorMeta.from_strings(raw_meta) if raw_meta else None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # pickle errors come in many types; all mean "not plain weights"
+        raise WeightsMismatchError(f"{path} is not a plain weights file: {exc}") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and "metadata" in obj:
+        return obj["state_dict"], DetectorMeta.from_strings(obj["metadata"])
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, None
+    raise WeightsMismatchError(f"{path} holds neither a state_dict nor tid weights")
+
+
+def load_checked(
+    path: Path, *, arch: str, backbone: str, num_classes: int, fpn_channels: int, image_size: int
+) -> FCOS | RetinaNet:
+    """Build the declared detector and load `path` into it strictly, or raise naming the misfit."""
+    state, meta = read_weights(path)
+    if meta is not None:
+        declared = {
+            "arch": arch,
+            "backbone": backbone,
+            "num_classes": num_classes,
+            "fpn_channels": fpn_channels,
+        }
+        for key, want in declared.items():
+            got = getattr(meta, key)
+            if got != want:
+                raise WeightsMismatchError(
+                    f"teacher weights {path.name} have {key}={got!r} but the spec declares "
+                    f"{key}={want!r}"
+                )
+    model = build_detector(
+        arch=arch,
+        backbone=backbone,
+        num_classes=num_classes,
+        fpn_channels=fpn_channels,
+        image_size=image_size,
+    )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise WeightsMismatchError(
+            f"weights {path.name} do not fit {arch}/{backbone} with {num_classes} classes: {exc}"
+        ) from exc
+    return model
+
+
+def load_student(
+    path: str | Path, *, device: str | torch.device = "cpu"
+) -> tuple[FCOS | RetinaNet, DetectorMeta]:
+    """Load an exported student (`student.safetensors` or `student.pt`) for inference.
+
+    Returns the detector in eval mode and its metadata (class names, the dataset's category ids).
+    """
+    path = Path(path)
+    state, meta = read_weights(path)
+    if meta is None:
+        raise WeightsMismatchError(f"{path} has no tid metadata; use load_checked with the spec")
+    model = build_from_meta(meta)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval(), meta

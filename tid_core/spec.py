@@ -1,0 +1,200 @@
+"""JobSpec: the one contract between the API, the worker and the trainer.
+
+Imports only pydantic and the standard library, so the API can validate specs without torch.
+Every model forbids unknown fields and every number is bounded: a spec that validates is one
+the trainer can run. The trainer accepts only the file-level forms (`{"path": ...}` weights,
+`{"path": ...}` or `{"builtin": "shapes", ...}` datasets); the service resolves its ids
+(`{"job": ...}`, `{"model": ...}`, `{"id": ...}`) to paths before a job reaches a worker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Arch = Literal["fcos", "retinanet"]
+Backbone = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
+Method = Literal["none", "fitnet", "pkd", "tid"]
+Task = Literal["cls", "reg"]
+
+ARCHS: tuple[Arch, ...] = ("fcos", "retinanet")
+BACKBONES: tuple[Backbone, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+METHODS: tuple[Method, ...] = ("none", "fitnet", "pkd", "tid")
+NUM_LEVELS = 5  # P3..P7, strides 8..128, for every backbone
+
+Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\- ]+$")]
+PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
+IdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+class PathWeights(_Strict):
+    """Weights in a file the trainer can read (`.pt` or `.safetensors`)."""
+
+    path: PathStr
+
+
+class JobWeights(_Strict):
+    """The student exported by a finished job of the service."""
+
+    job: IdStr
+
+
+class ModelWeights(_Strict):
+    """Weights uploaded to the service."""
+
+    model: IdStr
+
+
+Weights = PathWeights | JobWeights | ModelWeights
+
+
+class ModelSpec(_Strict):
+    """A detector: architecture, backbone and FPN width (teacher and student share the levels)."""
+
+    arch: Arch = "fcos"
+    backbone: Backbone = "resnet18"
+    fpn_channels: int = Field(default=128, ge=32, le=512, multiple_of=32)
+
+
+class TeacherSpec(ModelSpec):
+    weights: Weights
+
+
+class PathDataset(_Strict):
+    """A COCO-format folder: `annotations/instances_{train,val}.json`, `{train,val}/...`."""
+
+    path: PathStr
+    input_size: int = Field(default=512, ge=32, le=2048, multiple_of=32)
+
+
+class BuiltinDataset(_Strict):
+    """The synthetic shapes generator (no download needed)."""
+
+    builtin: Literal["shapes"]
+    num_train: int = Field(default=512, ge=1, le=100_000)
+    num_val: int = Field(default=128, ge=1, le=20_000)
+    image_size: int = Field(default=128, ge=32, le=1024, multiple_of=32)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+
+    @property
+    def input_size(self) -> int:
+        return self.image_size
+
+
+class IdDataset(_Strict):
+    """A dataset registered with the service."""
+
+    id: IdStr
+    input_size: int = Field(default=512, ge=32, le=2048, multiple_of=32)
+
+
+Dataset = PathDataset | BuiltinDataset | IdDataset
+
+
+class DistillSpec(_Strict):
+    """Distillation method and its options (TID.md names every one of them)."""
+
+    method: Method = "none"
+    loss_weight: float = Field(default=0.5, ge=0.0, le=100.0)
+    distill_warmup_iters: int = Field(default=100, ge=0, le=1_000_000)
+    levels: tuple[int, ...] = Field(default=(0, 1, 2, 3, 4), min_length=1, max_length=NUM_LEVELS)
+    normalize: bool = True
+    # TID (DIEM / LDAM / SFDM)
+    tasks: tuple[Task, ...] = Field(default=("cls", "reg"), min_length=1, max_length=2)
+    weak_areas: bool = True
+    alpha: float = Field(default=2.0, ge=0.0, le=100.0)
+    beta: float = Field(default=4.0, ge=0.0, le=100.0)
+    gamma: float = Field(default=0.5, ge=0.0, le=100.0)
+    pos_iou: float = Field(default=0.5, gt=0.0, le=1.0)
+    neg_iou: float = Field(default=0.4, ge=0.0, lt=1.0)
+    p_min: float = Field(default=0.05, ge=0.0, lt=0.5)
+    tau_key: float = Field(default=2.25, ge=0.0, le=4.0)
+    tau_weak: float = Field(default=0.9, ge=0.0, le=4.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if len(set(self.levels)) != len(self.levels) or not all(
+            0 <= lvl < NUM_LEVELS for lvl in self.levels
+        ):
+            raise ValueError(
+                f"distill.levels must be distinct FPN level indices in 0..{NUM_LEVELS - 1}, "
+                f"got {list(self.levels)}"
+            )
+        if len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"distill.tasks must not repeat a task, got {list(self.tasks)}")
+        if self.neg_iou > self.pos_iou:
+            raise ValueError(
+                f"distill.neg_iou ({self.neg_iou}) must not exceed distill.pos_iou ({self.pos_iou})"
+            )
+        return self
+
+
+class ScheduleSpec(_Strict):
+    """Optimisation schedule. Milestones are epochs; warm-up and logging are iterations."""
+
+    epochs: int = Field(default=12, ge=1, le=1000)
+    batch_size: int = Field(default=8, ge=1, le=512)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(default=0.01, gt=0.0, le=10.0)
+    momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
+    warmup_iters: int = Field(default=100, ge=0, le=1_000_000)
+    lr_milestones: tuple[int, ...] = Field(default=(), max_length=16)
+    lr_gamma: float = Field(default=0.1, gt=0.0, le=1.0)
+    grad_clip: float = Field(default=10.0, ge=0.0, le=1e6)
+    eval_every: int = Field(default=1, ge=0, le=1000)
+    checkpoint_every: int = Field(default=0, ge=0, le=1_000_000)
+    log_every: int = Field(default=10, ge=1, le=100_000)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    amp: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        ms = list(self.lr_milestones)
+        if ms != sorted(set(ms)) or any(not 0 < m <= self.epochs for m in ms):
+            raise ValueError(
+                f"schedule.lr_milestones must be increasing epochs in 1..{self.epochs}, got {ms}"
+            )
+        return self
+
+
+class ResourcesSpec(_Strict):
+    nproc_per_node: int = Field(default=1, ge=1, le=64)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_workers: int = Field(default=2, ge=0, le=64)
+
+
+class JobSpec(_Strict):
+    """A distillation (or plain training) job. See DESIGN.md for the JSON form."""
+
+    name: Name = "job"
+    teacher: TeacherSpec | None = None
+    student: ModelSpec = ModelSpec()
+    dataset: Dataset
+    distill: DistillSpec = DistillSpec()
+    schedule: ScheduleSpec = ScheduleSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        method = self.distill.method
+        if method != "none" and self.teacher is None:
+            raise ValueError(f'method "{method}" needs a teacher')
+        if method == "none" and self.teacher is not None:
+            raise ValueError(
+                'method "none" trains the student alone: remove the teacher or choose a method '
+                f"({', '.join(m for m in METHODS if m != 'none')})"
+            )
+        return self
+
+    def spec_hash(self) -> str:
+        """A stable hash of the spec's content (key order and defaults do not change it)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()

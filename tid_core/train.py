@@ -1,0 +1,428 @@
+"""`python -m tid_core.train --spec SPEC.json --run-dir DIR` (also under torchrun).
+
+Reads top to bottom like torchvision's reference script: spec -> distributed init -> data ->
+models -> optimizer -> resume -> epoch loop -> export. Only rank 0 writes files. Into DIR:
+`events.jsonl`, `checkpoints/last.pt` (+ one immutable file per epoch), `student.pt`,
+`student.safetensors`, `metrics.json`. Re-running on the same DIR resumes from `last.pt`.
+Exit codes: 0 done, 1 failed (an `error` event says why), 143 stopped by SIGTERM/SIGINT after
+saving a checkpoint (an `interrupted` event).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import math
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from tid_core import dist
+from tid_core.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from tid_core.data.coco import CocoDetection, build_loader
+from tid_core.data.synthetic import generate_shapes
+from tid_core.distill.baselines import fitnet_loss, pkd_loss
+from tid_core.distill.distiller import Distiller
+from tid_core.distill.tid import TIDLoss
+from tid_core.engine import (
+    NonFiniteLossError,
+    StopFlag,
+    distill_ramp,
+    evaluate,
+    lr_factor,
+    train_one_epoch,
+)
+from tid_core.evaluate import DEFAULT_BACKEND, coco_metrics
+from tid_core.events import EventWriter
+from tid_core.models import DetectorMeta, build_detector, load_checked, save_weights
+from tid_core.spec import BuiltinDataset, DistillSpec, IdDataset, JobSpec, PathWeights
+
+log = logging.getLogger("tid_core.train")
+EXIT_INTERRUPTED = 143
+KEEP_EPOCH_CHECKPOINTS = 2
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a detector, optionally with distillation.")
+    parser.add_argument("--spec", type=Path, required=True, help="JobSpec JSON file")
+    parser.add_argument("--run-dir", type=Path, required=True, help="output (and resume) folder")
+    return parser
+
+
+def resolve_dataset(spec: JobSpec, run_dir: Path) -> Path:
+    """The dataset folder; the builtin generator writes into the run dir (rank 0, once)."""
+    ds = spec.dataset
+    if isinstance(ds, IdDataset):
+        raise ValueError(f"dataset id {ds.id!r} is unresolved: the service maps ids to paths")
+    if isinstance(ds, BuiltinDataset):
+        root = run_dir / "dataset"
+        if dist.is_main_process():
+            generate_shapes(
+                root,
+                num_train=ds.num_train,
+                num_val=ds.num_val,
+                image_size=ds.image_size,
+                seed=ds.seed,
+            )
+        dist.barrier()
+        return root
+    return Path(ds.path)
+
+
+def build_distill_loss(d: DistillSpec) -> nn.Module | None:
+    if d.method == "none":
+        return None
+    if d.method == "fitnet":
+        return fitnet_loss()
+    if d.method == "pkd":
+        return pkd_loss()
+    return TIDLoss(
+        levels=d.levels,
+        tasks=d.tasks,
+        weak_areas=d.weak_areas,
+        alpha=d.alpha,
+        beta=d.beta,
+        gamma=d.gamma,
+        pos_iou=d.pos_iou,
+        neg_iou=d.neg_iou,
+        p_min=d.p_min,
+        tau_key=d.tau_key,
+        tau_weak=d.tau_weak,
+        normalize=d.normalize,
+    )
+
+
+def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Distiller:
+    student = build_detector(
+        arch=spec.student.arch,
+        backbone=spec.student.backbone,
+        num_classes=train_ds.num_classes,
+        fpn_channels=spec.student.fpn_channels,
+        image_size=input_size,
+    )
+    if spec.teacher is None:
+        return Distiller(student)
+    weights = spec.teacher.weights
+    if not isinstance(weights, PathWeights):
+        raise ValueError(f"teacher weights {weights!r} are unresolved: the service maps ids")
+    teacher = load_checked(
+        Path(weights.path),
+        arch=spec.teacher.arch,
+        backbone=spec.teacher.backbone,
+        num_classes=train_ds.num_classes,
+        fpn_channels=spec.teacher.fpn_channels,
+        image_size=input_size,
+    )
+    return Distiller(
+        student, teacher=teacher, loss=build_distill_loss(spec.distill), levels=spec.distill.levels
+    )
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError('resources.device is "cuda" but no CUDA device is available')
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(dist.local_rank())
+    return torch.device("cuda", dist.local_rank())
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Progress:
+    """Where the schedule stands: `epoch` is the current one, `batch` batches of it are done."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+
+
+class Run:
+    """One training run in one run dir: owns the state that checkpoints save and restore."""
+
+    def __init__(self, spec: JobSpec, run_dir: Path, device: torch.device) -> None:
+        self.spec, self.run_dir, self.device = spec, run_dir, device
+        self.spec_hash = spec.spec_hash()
+        self.ckpt_dir = run_dir / "checkpoints"
+        main = dist.is_main_process()
+        self.events = EventWriter(run_dir / "events.jsonl" if main else None)
+        self.amp = spec.schedule.amp and device.type == "cuda"
+        self.progress = Progress()
+
+    def setup(self) -> None:
+        spec, s = self.spec, self.spec.schedule
+        torch.manual_seed(s.seed)
+        root = resolve_dataset(spec, self.run_dir)
+        input_size = spec.dataset.input_size
+        self.train_ds = CocoDetection(root, "train", train=True)
+        self.val_ds = CocoDetection(root, "val", train=False)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        loader_args = {"num_workers": spec.resources.num_workers, "rank": rank}
+        self.train_loader = build_loader(
+            self.train_ds,
+            batch_size=s.batch_size,
+            train=True,
+            seed=s.seed,
+            world_size=world,
+            **loader_args,
+        )
+        self.val_loader = build_loader(
+            self.val_ds,
+            batch_size=s.batch_size,
+            train=False,
+            seed=s.seed,
+            world_size=world,
+            **loader_args,
+        )
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.train_ds) / world) / s.batch_size)
+        self.total_steps = self.steps_per_epoch * s.epochs
+        self.distiller = build_models(spec, self.train_ds, input_size).to(self.device)
+        if self.distiller.teacher is not None:
+            self.distiller.teacher.to(self.device)
+        self.model: nn.Module = self.distiller
+        if dist.is_distributed():
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.distiller, device_ids=ids)
+        params = [p for p in self.distiller.parameters() if p.requires_grad]
+        if s.optimizer == "sgd":
+            self.optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay
+            )
+        else:
+            self.optimizer = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        milestones = [m * self.steps_per_epoch for m in s.lr_milestones]
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda it: lr_factor(
+                it, warmup_iters=s.warmup_iters, milestones=milestones, gamma=s.lr_gamma
+            ),
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    def resume(self) -> bool:
+        ckpt = load_checkpoint(self.ckpt_dir / "last.pt")
+        if ckpt is None:
+            return False
+        if ckpt["spec_hash"] != self.spec_hash:
+            raise ValueError(
+                f"{self.ckpt_dir / 'last.pt'} was written for another spec "
+                f"({ckpt['spec_hash'][:12]} != {self.spec_hash[:12]}); use a new run dir"
+            )
+        self.distiller.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.progress = Progress(**ckpt["progress"])
+        return True
+
+    def save_checkpoint(self, *, epoch_end: bool) -> None:
+        if dist.is_main_process():
+            p = self.progress
+            state = {
+                "model": self.distiller.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "scaler": self.scaler.state_dict(),
+                "rng": rng_state(),
+                "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step},
+                "spec_hash": self.spec_hash,
+            }
+            last = self.ckpt_dir / "last.pt"
+            size = save_atomic(state, last)
+            path = last
+            if epoch_end:  # an immutable copy per epoch (a hard link: no extra bytes until
+                path = self.ckpt_dir / f"epoch_{p.epoch:04d}.pt"  # last.pt is replaced)
+                path.unlink(missing_ok=True)
+                os.link(last, path)
+                for old in sorted(self.ckpt_dir.glob("epoch_*.pt"))[:-KEEP_EPOCH_CHECKPOINTS]:
+                    old.unlink()
+            self.events.emit(
+                "checkpoint",
+                step=p.step,
+                durable=True,
+                epoch=p.epoch,
+                path=str(path.relative_to(self.run_dir)),
+                bytes=size,
+                sha256=sha256_file(path),
+            )
+        dist.barrier()
+
+    # --- loop --------------------------------------------------------------------------------
+
+    def run(self, stop: StopFlag) -> int:
+        s, d = self.spec.schedule, self.spec.distill
+        resumed = self.resume()
+        self.events.emit(
+            "start",
+            step=self.progress.step,
+            spec_hash=self.spec_hash,
+            resumed=resumed,
+            epoch=self.progress.epoch,
+            world_size=dist.get_world_size(),
+            device=str(self.device),
+            amp=self.amp,
+            steps_per_epoch=self.steps_per_epoch,
+            total_steps=self.total_steps,
+            num_classes=self.train_ds.num_classes,
+            class_names=self.train_ds.class_names,
+        )
+        log.info(
+            "%s at step %d of %d",
+            "resumed" if resumed else "started",
+            self.progress.step,
+            self.total_steps,
+        )
+        metrics: dict[str, Any] | None = None
+        while self.progress.epoch < s.epochs:
+            p = self.progress
+            self.train_loader.sampler.set_epoch(p.epoch, start_batch=p.batch)  # type: ignore[attr-defined]
+            for result in train_one_epoch(
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.train_loader,
+                device=self.device,
+                start_step=p.step,
+                distill_scale=lambda st: distill_ramp(
+                    st, loss_weight=d.loss_weight, warmup_iters=d.distill_warmup_iters
+                ),
+                grad_clip=s.grad_clip,
+                amp=self.amp,
+                stop=stop,
+            ):
+                p.step, p.batch = result.step, p.batch + 1
+                if result.step % s.log_every == 0 or result.step == 1 or result.stop:
+                    self.events.emit(
+                        "step",
+                        step=result.step,
+                        epoch=p.epoch,
+                        total_steps=self.total_steps,
+                        lr=result.lr,
+                        losses=result.losses,
+                        stats=result.stats,
+                    )
+                if result.stop:
+                    self.save_checkpoint(epoch_end=False)
+                    self.events.emit("interrupted", step=p.step, epoch=p.epoch, durable=True)
+                    return EXIT_INTERRUPTED
+                if s.checkpoint_every and result.step % s.checkpoint_every == 0:
+                    self.save_checkpoint(epoch_end=False)
+            p.epoch, p.batch = p.epoch + 1, 0
+            self.save_checkpoint(epoch_end=True)
+            last = p.epoch == s.epochs
+            if last or (s.eval_every and p.epoch % s.eval_every == 0):
+                metrics = self.evaluate()
+        if metrics is None:  # resumed after the last epoch's checkpoint, before its eval
+            metrics = self.evaluate()
+        self.export(metrics)
+        return 0
+
+    def evaluate(self) -> dict[str, Any]:
+        preds = evaluate(
+            self.distiller.student,
+            self.val_loader,
+            device=self.device,
+            cat_ids=self.val_ds.cat_ids,
+            amp=self.amp,
+        )
+        metrics: dict[str, Any] = {}
+        if preds is not None:
+            metrics = coco_metrics(self.val_ds.ann_file, preds, backend=DEFAULT_BACKEND)
+            self.events.emit(
+                "eval", step=self.progress.step, epoch=self.progress.epoch, metrics=metrics
+            )
+            log.info(
+                "epoch %d: AP %.2f AP50 %.2f", self.progress.epoch, metrics["AP"], metrics["AP50"]
+            )
+        dist.barrier()
+        return metrics
+
+    def export(self, metrics: dict[str, Any]) -> None:
+        if dist.is_main_process():
+            st = self.spec.student
+            meta = DetectorMeta(
+                arch=st.arch,
+                backbone=st.backbone,
+                num_classes=self.train_ds.num_classes,
+                fpn_channels=st.fpn_channels,
+                input_size=self.spec.dataset.input_size,
+                class_names=self.train_ds.class_names,
+                cat_ids=self.train_ds.cat_ids,
+                spec_hash=self.spec_hash,
+            )
+            artifacts = {}
+            for name in ("student.pt", "student.safetensors"):
+                path = self.run_dir / name
+                save_weights(self.distiller.student, meta, path)
+                artifacts[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+            final = {**metrics, "step": self.progress.step, "epoch": self.progress.epoch}
+            tmp = self.run_dir / "metrics.json.tmp"
+            tmp.write_text(json.dumps(final, indent=2))
+            tmp.replace(self.run_dir / "metrics.json")
+            self.events.emit(
+                "end", step=self.progress.step, durable=True, metrics=final, artifacts=artifacts
+            )
+        dist.barrier()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if dist.local_rank() == 0 else logging.WARNING,
+        format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    stop = StopFlag()
+    stop.install()
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    events = None
+    try:
+        spec = JobSpec.model_validate_json(args.spec.read_text())
+        device = pick_device(spec.resources.device)
+        dist.init_distributed(device)
+        run = Run(spec, args.run_dir, device)
+        events = run.events
+        run.setup()
+        return run.run(stop)
+    except Exception as exc:
+        step = exc.step if isinstance(exc, NonFiniteLossError) else None
+        log.error("training failed: %s", exc)
+        if dist.is_main_process():
+            writer = events or EventWriter(args.run_dir / "events.jsonl")
+            writer.emit(
+                "error",
+                step=step if step is not None else -1,
+                durable=True,
+                message=str(exc),
+                kind=type(exc).__name__,
+                traceback=traceback.format_exc(limit=8),
+            )
+        return 1
+    finally:
+        if events is not None:
+            events.close()
+        dist.cleanup()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
