@@ -114,8 +114,9 @@ def build_detector(
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if fpn_channels % 32:
-        raise ValueError(f"fpn_channels must be a multiple of 32 (GroupNorm), got {fpn_channels}")
+    if fpn_channels % 32 or fpn_channels < 64:
+        # FCOS heads use GroupNorm(32): 32 channels would leave one value per group on 1x1 levels
+        raise ValueError(f"fpn_channels must be a multiple of 32 and >= 64, got {fpn_channels}")
     body = _fpn_backbone(backbone, fpn_channels)
     common = {"min_size": image_size, "max_size": image_size, "score_thresh": 0.05}
     if arch == "fcos":

@@ -60,7 +60,7 @@ class ModelSpec(_Strict):
 
     arch: Arch = "fcos"
     backbone: Backbone = "resnet18"
-    fpn_channels: int = Field(default=128, ge=32, le=512, multiple_of=32)
+    fpn_channels: int = Field(default=128, ge=64, le=512, multiple_of=32)
 
 
 class TeacherSpec(ModelSpec):

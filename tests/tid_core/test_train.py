@@ -1,0 +1,229 @@
+"""The trainer as users run it: real processes (`python -m`, `torchrun`), real files, tiny sizes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tid_core.data.synthetic import generate_shapes
+from tid_core.events import read_events
+from tid_core.models import DetectorMeta, build_detector, load_student, save_weights
+
+pytestmark = pytest.mark.slow
+NUM_CLASSES = 5
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("data") / "shapes"
+    return generate_shapes(root, num_train=16, num_val=6, image_size=64, seed=0)
+
+
+def make_teacher(path: Path, *, num_classes: int = NUM_CLASSES, poison: bool = False) -> Path:
+    torch.manual_seed(1)
+    model = build_detector(
+        arch="fcos", backbone="resnet18", num_classes=num_classes, fpn_channels=128, image_size=64
+    )
+    if poison:
+        with torch.no_grad():
+            model.backbone.fpn.layer_blocks[0][0].weight.fill_(float("nan"))
+    meta = DetectorMeta(
+        arch="fcos", backbone="resnet18", num_classes=num_classes, fpn_channels=128, input_size=64
+    )
+    save_weights(model, meta, path)
+    return path
+
+
+def write_spec(tmp: Path, dataset: Path, **overrides: Any) -> Path:
+    spec: dict[str, Any] = {
+        "name": "tiny",
+        "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
+        "dataset": {"path": str(dataset), "input_size": 64},
+        "schedule": {"epochs": 2, "batch_size": 4, "warmup_iters": 2, "log_every": 1},
+        "resources": {"num_workers": 0, "device": "cpu"},
+    }
+    for key, value in overrides.items():
+        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
+    path = tmp / "spec.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def train_cmd(spec: Path, run_dir: Path, nproc: int = 1) -> list[str]:
+    args = ["-m", "tid_core.train", "--spec", str(spec), "--run-dir", str(run_dir)]
+    if nproc == 1:
+        return [sys.executable, *args]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    return [*launcher, f"--nproc-per-node={nproc}", *args]
+
+
+def run_train(spec: Path, run_dir: Path, nproc: int = 1) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        train_cmd(spec, run_dir, nproc), env=ENV, capture_output=True, text=True, timeout=300
+    )
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_train_writes_every_artifact(tmp_path: Path, dataset: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = run_train(write_spec(tmp_path, dataset), run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    events = read_events(run_dir / "events.jsonl")
+    types = [e["type"] for e in events]
+    assert types[0] == "start" and types[-1] == "end"
+    assert {"step", "checkpoint", "eval"} <= set(types)
+    assert all("time" in e and "step" in e for e in events)
+    start = events[0]
+    assert start["total_steps"] == 2 * math.ceil(16 / 4) and start["resumed"] is False
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == list(range(1, 9))
+    assert {"loss", "classification", "bbox_regression", "bbox_ctrness"} <= set(steps[0]["losses"])
+    assert steps[0]["lr"] > 0
+
+    for ckpt in (e for e in events if e["type"] == "checkpoint"):
+        path = run_dir / ckpt["path"]
+        assert path.stat().st_size == ckpt["bytes"]
+        assert sha256(path) == ckpt["sha256"]
+    assert (run_dir / "checkpoints" / "last.pt").exists()
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["backend"] == "faster-coco-eval"
+    assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "per_class"} <= metrics.keys()
+    assert metrics["step"] == 8
+    end = events[-1]
+    for name in ("student.pt", "student.safetensors"):
+        assert end["artifacts"][name]["sha256"] == sha256(run_dir / name)
+
+    model, meta = load_student(run_dir / "student.safetensors")
+    assert meta.num_classes == NUM_CLASSES and meta.class_names[0] == "circle"
+    assert meta.cat_ids == [1, 2, 3, 4, 5]
+    out = model([torch.rand(3, 64, 64)])
+    assert set(out[0]) == {"boxes", "scores", "labels"}
+    pt_model, pt_meta = load_student(run_dir / "student.pt")
+    assert pt_meta == meta
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, pt_model.state_dict()[key])
+
+
+def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    spec = write_spec(
+        tmp_path,
+        dataset,
+        teacher={
+            "arch": "fcos",
+            "backbone": "resnet18",
+            "fpn_channels": 128,
+            "weights": {"path": str(teacher)},
+        },
+        distill={"method": "tid", "distill_warmup_iters": 2},
+    )
+    run_dir = tmp_path / "run"
+    proc = run_train(spec, run_dir, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(run_dir / "events.jsonl")
+    assert events[0]["world_size"] == 2
+    # 16 images over 2 ranks in batches of 4: 2 steps per epoch, 2 epochs
+    assert events[0]["total_steps"] == 4
+    steps = [e for e in events if e["type"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4]
+    assert {"tid_key", "tid_weak", "tid_rest"} <= set(steps[-1]["losses"])
+    assert {"tid_key_frac", "tid_weak_frac"} <= set(steps[-1]["stats"])
+    assert steps[-1]["losses"]["tid_rest"] > 0
+    assert events[-1]["type"] == "end"
+    for name in ("student.pt", "student.safetensors", "metrics.json"):
+        assert (run_dir / name).exists()
+
+
+def test_sigterm_checkpoints_and_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
+    # batch 1: 16 steps per epoch, so the signal lands mid-epoch
+    spec = write_spec(tmp_path, dataset, schedule={"batch_size": 1, "eval_every": 0})
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    events_file = run_dir / "events.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if any(e["type"] == "step" and e["step"] >= 3 for e in read_events(events_file)):
+            break
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+
+    first = read_events(events_file)
+    assert first[-1]["type"] == "interrupted"
+    stopped_at = first[-1]["step"]
+    assert 3 <= stopped_at < 32
+    assert first[-2]["type"] == "checkpoint" and first[-2]["step"] == stopped_at
+
+    again = run_train(spec, run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = read_events(events_file)[len(first) :]
+    assert second[0]["type"] == "start" and second[0]["resumed"] is True
+    assert second[0]["step"] == stopped_at
+    steps = [e["step"] for e in second if e["type"] == "step"]
+    assert steps[0] == stopped_at + 1  # continues, does not restart
+    assert steps[-1] == 32 and second[-1]["type"] == "end"
+    all_steps = [e["step"] for e in first + second if e["type"] == "step"]
+    assert sorted(all_steps) == list(range(1, 33))  # every step exactly once
+
+
+def test_non_finite_loss_stops_with_error_event(tmp_path: Path, dataset: Path) -> None:
+    teacher = make_teacher(tmp_path / "nan.pt", poison=True)
+    spec = write_spec(
+        tmp_path,
+        dataset,
+        teacher={
+            "arch": "fcos",
+            "backbone": "resnet18",
+            "fpn_channels": 128,
+            "weights": {"path": str(teacher)},
+        },
+        distill={"method": "fitnet", "distill_warmup_iters": 0},
+    )
+    run_dir = tmp_path / "run"
+    proc = run_train(spec, run_dir)
+    assert proc.returncode == 1
+    error = read_events(run_dir / "events.jsonl")[-1]
+    assert error["type"] == "error" and error["step"] == 1
+    assert error["message"].startswith("non-finite loss at step 1")
+    assert not (run_dir / "student.safetensors").exists()
+
+
+def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: Path) -> None:
+    teacher = make_teacher(tmp_path / "teacher.safetensors", num_classes=3)
+    spec = write_spec(
+        tmp_path,
+        dataset,
+        teacher={
+            "arch": "fcos",
+            "backbone": "resnet18",
+            "fpn_channels": 128,
+            "weights": {"path": str(teacher)},
+        },
+        distill={"method": "tid"},
+    )
+    run_dir = tmp_path / "run"
+    proc = run_train(spec, run_dir)
+    assert proc.returncode == 1
+    error = read_events(run_dir / "events.jsonl")[-1]
+    assert error["type"] == "error" and error["kind"] == "WeightsMismatchError"
+    assert "num_classes=3" in error["message"] and "num_classes=5" in error["message"]
