@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
@@ -83,13 +84,18 @@ class DetectorMeta:
         return out
 
     @classmethod
-    def from_strings(cls, raw: dict[str, str]) -> DetectorMeta:
-        if raw.get("format") != WEIGHTS_FORMAT:
+    def from_strings(cls, raw: object) -> DetectorMeta:
+        """Parse metadata written by `to_strings`; anything else is a WeightsMismatchError."""
+        if not isinstance(raw, dict) or raw.get("format") != WEIGHTS_FORMAT:
+            got = raw.get("format") if isinstance(raw, dict) else type(raw).__name__
             raise WeightsMismatchError(
-                f"weights metadata format is {raw.get('format')!r}, expected {WEIGHTS_FORMAT!r}"
+                f"weights metadata format is {got!r}, expected {WEIGHTS_FORMAT!r}"
             )
         names = cls.__dataclass_fields__
-        return cls(**{k: json.loads(v) for k, v in raw.items() if k in names})
+        try:
+            return cls(**{k: json.loads(v) for k, v in raw.items() if k in names})
+        except (TypeError, ValueError) as exc:
+            raise WeightsMismatchError(f"malformed {WEIGHTS_FORMAT} metadata: {exc}") from exc
 
 
 def _fpn_backbone(backbone: str, fpn_channels: int) -> BackboneWithFPN:
@@ -155,11 +161,13 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], DetectorMeta | No
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            raw_meta = f.metadata() or {}
-        return load_file(str(path)), DetectorMeta.from_strings(raw_meta) if raw_meta else None
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw_meta = f.metadata() or {}
+            state = load_file(str(path))
+        except SafetensorError as exc:
+            raise WeightsMismatchError(f"{path} is not a valid safetensors file: {exc}") from exc
+        return state, DetectorMeta.from_strings(raw_meta) if raw_meta else None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors come in many types; all mean "not plain weights"
@@ -197,13 +205,16 @@ def load_checked(
         fpn_channels=fpn_channels,
         image_size=image_size,
     )
+    _load_strict(model, state, path, f"{arch}/{backbone} with {num_classes} classes")
+    return model
+
+
+def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
+    """All keys and shapes must match: a partial load would silently train on noise."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise WeightsMismatchError(
-            f"weights {path.name} do not fit {arch}/{backbone} with {num_classes} classes: {exc}"
-        ) from exc
-    return model
+        raise WeightsMismatchError(f"weights {path.name} do not fit {what}: {exc}") from exc
 
 
 def load_student(
@@ -218,5 +229,6 @@ def load_student(
     if meta is None:
         raise WeightsMismatchError(f"{path} has no tid metadata; use load_checked with the spec")
     model = build_from_meta(meta)
-    model.load_state_dict(state, strict=True)
+    what = f"{meta.arch}/{meta.backbone} with {meta.num_classes} classes (its own metadata)"
+    _load_strict(model, state, path, what)
     return model.to(device).eval(), meta

@@ -1,0 +1,217 @@
+"""Distillation overhead: each method's train step / (student-only step + teacher no-grad forward).
+
+All steps go through the trainer's own `train_one_epoch` (same autocast, scaler, clipping and
+host syncs) on one real synthetic batch, measured round-robin in one process so drift hits every
+method alike. A ratio of 1.00 means distillation costs nothing beyond running the teacher.
+
+    python bench/overhead.py [--quick] [--device cuda] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tid_core.data.coco import CocoDetection, collate_detection
+from tid_core.data.synthetic import generate_shapes
+from tid_core.distill.baselines import fitnet_loss, pkd_loss
+from tid_core.distill.capture import teacher_forward
+from tid_core.distill.distiller import Distiller
+from tid_core.distill.tid import TIDLoss
+from tid_core.engine import StopFlag, autocast, train_one_epoch
+from tid_core.models import build_detector
+
+Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
+
+
+def tid_loss() -> TIDLoss:
+    return TIDLoss(
+        levels=range(5),
+        tasks=("cls", "reg"),
+        weak_areas=True,
+        alpha=2.0,
+        beta=4.0,
+        gamma=0.5,
+        pos_iou=0.5,
+        neg_iou=0.4,
+        p_min=0.05,
+        tau_key=2.25,
+        tau_weak=0.9,
+        normalize=True,
+    )
+
+
+LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
+    "fitnet": fitnet_loss,
+    "pkd": pkd_loss,
+    "tid": tid_loss,
+}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def make_stepper(
+    distiller: Distiller, batch: Batch, device: torch.device, amp: bool
+) -> Callable[[int], float]:
+    """A function that runs n trainer steps on `batch` and returns seconds per step."""
+    params = [p for p in distiller.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=1e-4, momentum=0.9)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")
+    step = 0
+
+    def run(n: int) -> float:
+        nonlocal step
+        sync(device)
+        start = time.perf_counter()
+        for result in train_one_epoch(
+            distiller,
+            optimizer,
+            scheduler,
+            scaler,
+            itertools.repeat(batch, n),
+            device=device,
+            start_step=step,
+            distill_scale=lambda _: 0.5,
+            grad_clip=10.0,
+            amp=amp,
+            stop=StopFlag(),
+        ):
+            step = result.step
+        sync(device)
+        return (time.perf_counter() - start) / n
+
+    return run
+
+
+def make_teacher_pass(
+    distiller: Distiller, teacher: torch.nn.Module, batch: Batch, device: torch.device, amp: bool
+) -> Callable[[int], float]:
+    images = [img.to(device) for img in batch[0]]
+    with torch.no_grad():
+        transformed, _ = distiller.student.transform(images)
+
+    def run(n: int) -> float:
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            with autocast(device, amp):
+                teacher_forward(teacher, transformed)
+        sync(device)
+        return (time.perf_counter() - start) / n
+
+    return run
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_shapes(
+            Path(tmp) / "shapes",
+            num_train=args.batch_size,
+            num_val=1,
+            image_size=args.image_size,
+            seed=0,
+        )
+        dataset = CocoDetection(root, "train", train=False)
+        batch = collate_detection([dataset[i] for i in range(args.batch_size)])
+    build = {"num_classes": dataset.num_classes, "image_size": args.image_size}
+    teacher = build_detector(
+        arch="fcos", backbone=args.teacher, fpn_channels=args.teacher_fpn, **build
+    ).to(device)
+
+    def student() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build_detector(
+            arch="fcos", backbone=args.student, fpn_channels=args.student_fpn, **build
+        )
+
+    alone = Distiller(student()).to(device)
+    runners: dict[str, Callable[[int], float]] = {
+        "student": make_stepper(alone, batch, device, args.amp),
+        "teacher_fwd": make_teacher_pass(alone, teacher, batch, device, args.amp),
+    }
+    for name, loss in LOSSES.items():
+        distiller = Distiller(student(), teacher=teacher, loss=loss()).to(device)
+        runners[name] = make_stepper(distiller, batch, device, args.amp)
+    for run in runners.values():  # warm-up: allocator, cudnn autotuning, first-call costs
+        run(args.warmup)
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    for _ in range(args.rounds):
+        for name, run in runners.items():
+            samples[name].append(run(args.steps))
+    ms = {name: 1000 * statistics.median(v) for name, v in samples.items()}
+    base = ms["student"] + ms["teacher_fwd"]
+    result: dict[str, Any] = {f"{m}_ratio": round(ms[m] / base, 3) for m in LOSSES}
+    result.update({f"{name}_ms": round(v, 2) for name, v in ms.items()})
+    result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
+        "torch": torch.__version__,
+        "device_name": device_name(device),
+    }
+    return result
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return str(torch.cuda.get_device_name(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    cfg = result["config"]
+    print(
+        f"FCOS {cfg['teacher']}-FPN{cfg['teacher_fpn']} -> {cfg['student']}-FPN{cfg['student_fpn']}"
+        f", batch {cfg['batch_size']} x {cfg['image_size']} px, {cfg['device_name']}, "
+        f"AMP {'on' if cfg['amp'] and cfg['device'].startswith('cuda') else 'off'}"
+    )
+    print(f"{'step':<14}{'ms':>10}{'ratio':>10}")
+    base = result["student_ms"] + result["teacher_fwd_ms"]
+    print(f"{'student only':<14}{result['student_ms']:>10.1f}{'':>10}")
+    print(f"{'teacher fwd':<14}{result['teacher_fwd_ms']:>10.1f}{'':>10}")
+    print(f"{'sum':<14}{base:>10.1f}{1.0:>10.3f}")
+    for m in LOSSES:
+        print(f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Distillation step overhead, side by side.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--teacher", default="resnet50")
+    parser.add_argument("--teacher-fpn", type=int, default=256)
+    parser.add_argument("--student", default="resnet18")
+    parser.add_argument("--student-fpn", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--no-amp", dest="amp", action="store_false")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.teacher, args.teacher_fpn, args.student_fpn = "resnet18", 128, 64
+        args.batch_size, args.image_size, args.steps, args.rounds, args.warmup = 2, 64, 2, 2, 1
+    result = measure(args)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

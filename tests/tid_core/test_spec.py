@@ -1,0 +1,256 @@
+"""JobSpec: the full form parses, defaults fill in, the hash is canonical, bad specs say why."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from tid_core.spec import BuiltinDataset, JobSpec, PathWeights
+
+FULL: dict[str, Any] = {
+    "name": "r50-to-mbv3",
+    "teacher": {"arch": "fcos", "backbone": "resnet50", "weights": {"path": "/w/teacher.pt"}},
+    "student": {"arch": "fcos", "backbone": "mobilenet_v3_large"},
+    "dataset": {"builtin": "shapes", "num_train": 64, "num_val": 16, "image_size": 64},
+    "distill": {"method": "tid", "loss_weight": 0.5},
+    "schedule": {
+        "epochs": 12,
+        "batch_size": 8,
+        "lr": 0.01,
+        "warmup_iters": 100,
+        "lr_milestones": [8, 11],
+        "eval_every": 1,
+        "seed": 0,
+        "amp": True,
+    },
+    "resources": {"nproc_per_node": 1},
+}
+
+
+def spec(**changes: Any) -> dict[str, Any]:
+    """FULL with `section__field=value` changes (or a whole section by its name)."""
+    out = copy.deepcopy(FULL)
+    for key, value in changes.items():
+        section, _, field = key.partition("__")
+        if field:
+            out.setdefault(section, {})[field] = value
+        else:
+            out[section] = value
+    return out
+
+
+def reversed_keys(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: reversed_keys(value[k]) for k in reversed(list(value))}
+    return value
+
+
+def rejection(data: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate(data)
+    return str(info.value)
+
+
+def test_full_spec_parses_and_fills_defaults() -> None:
+    job = JobSpec.model_validate(FULL)
+    assert job.name == "r50-to-mbv3"
+    assert job.teacher is not None
+    assert isinstance(job.teacher.weights, PathWeights)
+    assert job.teacher.weights.path == "/w/teacher.pt"
+    assert job.teacher.fpn_channels == 128
+    assert isinstance(job.dataset, BuiltinDataset)
+    assert job.dataset.input_size == 64
+    assert job.dataset.seed == 0
+    assert job.student.backbone == "mobilenet_v3_large"
+    assert job.student.fpn_channels == 128
+    assert job.distill.method == "tid"
+    assert job.distill.levels == (0, 1, 2, 3, 4)
+    assert job.distill.tasks == ("cls", "reg")
+    assert (job.distill.alpha, job.distill.beta, job.distill.gamma) == (2.0, 4.0, 0.5)
+    assert (job.distill.pos_iou, job.distill.neg_iou, job.distill.p_min) == (0.5, 0.4, 0.05)
+    assert (job.distill.tau_key, job.distill.tau_weak) == (2.25, 0.9)
+    assert job.distill.distill_warmup_iters == 100
+    assert job.distill.weak_areas is True
+    assert job.distill.normalize is True
+    assert job.schedule.lr_milestones == (8, 11)
+    assert job.schedule.optimizer == "sgd"
+    assert job.schedule.lr_gamma == 0.1
+    assert job.resources.device == "auto"
+
+
+def test_minimal_spec_is_plain_training_with_defaults() -> None:
+    job = JobSpec.model_validate({"dataset": {"path": "/data/coco"}})
+    assert job.teacher is None
+    assert job.distill.method == "none"
+    assert job.dataset.input_size == 512
+    assert job.student.arch == "fcos"
+
+
+def test_spec_hash_is_stable_under_key_order_and_spelled_out_defaults() -> None:
+    first = JobSpec.model_validate(FULL).spec_hash()
+    assert len(first) == 64
+    assert JobSpec.model_validate(reversed_keys(FULL)).spec_hash() == first
+    explicit = spec(distill__alpha=2.0, student__fpn_channels=128, resources__device="auto")
+    assert JobSpec.model_validate(explicit).spec_hash() == first
+    assert JobSpec.model_validate_json(json.dumps(FULL)).spec_hash() == first
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"schedule__lr": 0.02},
+        {"distill__alpha": 2.5},
+        {"student__backbone": "resnet18"},
+        {"dataset__seed": 1},
+        {"name": "other"},
+    ],
+)
+def test_spec_hash_changes_when_a_field_changes(change: dict[str, Any]) -> None:
+    first = JobSpec.model_validate(FULL).spec_hash()
+    assert JobSpec.model_validate(spec(**change)).spec_hash() != first
+
+
+def test_spec_rejects_distillation_without_teacher() -> None:
+    data = spec()
+    del data["teacher"]
+    assert 'method "tid" needs a teacher' in rejection(data)
+
+
+def test_spec_rejects_teacher_with_method_none() -> None:
+    message = rejection(spec(distill__method="none"))
+    assert 'method "none" trains the student alone' in message
+    assert "remove the teacher" in message
+
+
+@pytest.mark.parametrize(
+    ("data", "location"),
+    [
+        ({**FULL, "epochs": 3}, "epochs"),
+        (spec(schedule__epoch=3), "schedule.epoch"),
+        (spec(distill__tau=1.0), "distill.tau"),
+        (spec(teacher__weights={"path": "/w.pt", "sha": "x"}), "teacher.weights.PathWeights.sha"),
+        (spec(dataset__extra=1), "dataset.BuiltinDataset.extra"),
+        (spec(resources__gpus=2), "resources.gpus"),
+    ],
+    ids=["top", "schedule", "distill", "weights", "dataset", "resources"],
+)
+def test_spec_rejects_unknown_fields_anywhere(data: dict[str, Any], location: str) -> None:
+    message = rejection(data)
+    assert location in message
+    assert "Extra inputs are not permitted" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "location"),
+    [
+        ('{"dataset": {"builtin": "shapes"}, "schedule": {"lr": NaN}}', "schedule.lr"),
+        ('{"dataset": {"builtin": "shapes"}, "distill": {"alpha": Infinity}}', "distill.alpha"),
+        (
+            '{"dataset": {"builtin": "shapes"}, "schedule": {"grad_clip": -Infinity}}',
+            "schedule.grad_clip",
+        ),
+    ],
+)
+def test_spec_rejects_non_finite_numbers_in_json(text: str, location: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        JobSpec.model_validate_json(text)
+    message = str(info.value)
+    assert location in message
+    assert "finite number" in message
+
+
+def test_spec_rejects_nan_given_as_python_float() -> None:
+    message = rejection(spec(distill__loss_weight=float("nan")))
+    assert "distill.loss_weight" in message
+    assert "finite number" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "location", "reason"),
+    [
+        ({"schedule__batch_size": 0}, "schedule.batch_size", "greater than or equal to 1"),
+        ({"schedule__lr": 0}, "schedule.lr", "greater than 0"),
+        ({"student__fpn_channels": 48}, "student.fpn_channels", "multiple of 32"),
+        ({"student__fpn_channels": 32}, "student.fpn_channels", "greater than or equal to 64"),
+        ({"distill__p_min": 0.5}, "distill.p_min", "less than 0.5"),
+        ({"dataset__image_size": 100}, "dataset.BuiltinDataset.image_size", "multiple of 32"),
+        ({"resources__nproc_per_node": 0}, "resources.nproc_per_node", "greater than or equal"),
+    ],
+)
+def test_spec_rejects_out_of_range_numbers(
+    change: dict[str, Any], location: str, reason: str
+) -> None:
+    message = rejection(spec(**change))
+    assert location in message
+    assert reason in message
+
+
+@pytest.mark.parametrize(
+    ("levels", "shown"),
+    [([0, 5], "[0, 5]"), ([1, 1], "[1, 1]"), ([-1], "[-1]")],
+)
+def test_spec_rejects_bad_distill_levels(levels: list[int], shown: str) -> None:
+    message = rejection(spec(distill__levels=levels))
+    assert "distill.levels must be distinct FPN level indices in 0..4" in message
+    assert f"got {shown}" in message
+
+
+def test_spec_rejects_repeated_task() -> None:
+    assert "must not repeat a task" in rejection(spec(distill__tasks=["cls", "cls"]))
+
+
+def test_spec_rejects_neg_iou_above_pos_iou() -> None:
+    message = rejection(spec(distill__neg_iou=0.6, distill__pos_iou=0.5))
+    assert "distill.neg_iou (0.6) must not exceed distill.pos_iou (0.5)" in message
+
+
+def test_spec_accepts_neg_iou_equal_to_pos_iou() -> None:
+    job = JobSpec.model_validate(spec(distill__neg_iou=0.5, distill__pos_iou=0.5))
+    assert job.distill.neg_iou == job.distill.pos_iou == 0.5
+
+
+@pytest.mark.parametrize(
+    ("milestones", "shown"),
+    [([11, 8], "[11, 8]"), ([8, 13], "[8, 13]"), ([8, 8], "[8, 8]"), ([0], "[0]")],
+)
+def test_spec_rejects_bad_milestones(milestones: list[int], shown: str) -> None:
+    message = rejection(spec(schedule__lr_milestones=milestones))
+    assert "schedule.lr_milestones must be increasing epochs in 1..12" in message
+    assert f"got {shown}" in message
+
+
+def test_spec_accepts_milestone_at_last_epoch() -> None:
+    job = JobSpec.model_validate(spec(schedule__lr_milestones=[12]))
+    assert job.schedule.lr_milestones == (12,)
+
+
+@pytest.mark.parametrize("section", ["student", "teacher"])
+def test_spec_rejects_unknown_backbone(section: str) -> None:
+    message = rejection(spec(**{f"{section}__backbone": "vgg16"}))
+    assert f"{section}.backbone" in message
+    assert "'resnet18', 'resnet34', 'resnet50' or 'mobilenet_v3_large'" in message
+
+
+def test_spec_rejects_unknown_method_and_arch() -> None:
+    assert "distill.method" in rejection(spec(distill__method="fgd"))
+    assert "student.arch" in rejection(spec(student__arch="yolo"))
+
+
+def test_spec_is_frozen() -> None:
+    job = JobSpec.model_validate(FULL)
+    with pytest.raises(ValidationError, match="frozen"):
+        job.name = "other"  # type: ignore[misc]
+
+
+def test_spec_module_does_not_import_torch() -> None:
+    code = "import sys, tid_core.spec; assert 'torch' not in sys.modules, 'torch imported'"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
