@@ -24,38 +24,17 @@ import torch
 
 from tid_core.data.coco import CocoDetection, collate_detection
 from tid_core.data.synthetic import generate_shapes
-from tid_core.distill.baselines import fitnet_loss, pkd_loss
-from tid_core.distill.capture import teacher_forward
+from tid_core.distill.capture import Detector, teacher_forward
 from tid_core.distill.distiller import Distiller
-from tid_core.distill.tid import TIDLoss
 from tid_core.engine import StopFlag, autocast, train_one_epoch
 from tid_core.models import build_detector
+from tid_core.spec import DistillSpec
+from tid_core.train import build_distill_loss
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
-def tid_loss() -> TIDLoss:
-    return TIDLoss(
-        levels=range(5),
-        tasks=("cls", "reg"),
-        weak_areas=True,
-        alpha=2.0,
-        beta=4.0,
-        gamma=0.5,
-        pos_iou=0.5,
-        neg_iou=0.4,
-        p_min=0.05,
-        tau_key=2.25,
-        tau_weak=0.9,
-        normalize=True,
-    )
-
-
-LOSSES: dict[str, Callable[[], torch.nn.Module]] = {
-    "fitnet": fitnet_loss,
-    "pkd": pkd_loss,
-    "tid": tid_loss,
-}
+METHODS = ("fitnet", "pkd", "tid")
 
 
 def sync(device: torch.device) -> None:
@@ -134,7 +113,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         arch="fcos", backbone=args.teacher, fpn_channels=args.teacher_fpn, **build
     ).to(device)
 
-    def student() -> torch.nn.Module:
+    def student() -> Detector:
         torch.manual_seed(0)
         return build_detector(
             arch="fcos", backbone=args.student, fpn_channels=args.student_fpn, **build
@@ -145,8 +124,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "student": make_stepper(alone, batch, device, args.amp),
         "teacher_fwd": make_teacher_pass(alone, teacher, batch, device, args.amp),
     }
-    for name, loss in LOSSES.items():
-        distiller = Distiller(student(), teacher=teacher, loss=loss()).to(device)
+    for name in METHODS:  # each method with the spec's default options
+        loss = build_distill_loss(DistillSpec(method=name))
+        distiller = Distiller(student(), teacher=teacher, loss=loss).to(device)
         runners[name] = make_stepper(distiller, batch, device, args.amp)
     for run in runners.values():  # warm-up: allocator, cudnn autotuning, first-call costs
         run(args.warmup)
@@ -156,7 +136,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples[name].append(run(args.steps))
     ms = {name: 1000 * statistics.median(v) for name, v in samples.items()}
     base = ms["student"] + ms["teacher_fwd"]
-    result: dict[str, Any] = {f"{m}_ratio": round(ms[m] / base, 3) for m in LOSSES}
+    result: dict[str, Any] = {f"{m}_ratio": round(ms[m] / base, 3) for m in METHODS}
     result.update({f"{name}_ms": round(v, 2) for name, v in ms.items()})
     result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
         "torch": torch.__version__,
@@ -183,7 +163,7 @@ def print_table(result: dict[str, Any]) -> None:
     print(f"{'student only':<14}{result['student_ms']:>10.1f}{'':>10}")
     print(f"{'teacher fwd':<14}{result['teacher_fwd_ms']:>10.1f}{'':>10}")
     print(f"{'sum':<14}{base:>10.1f}{1.0:>10.3f}")
-    for m in LOSSES:
+    for m in METHODS:
         print(f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}")
 
 

@@ -8,6 +8,7 @@ previous checkpoint stays until the new one is complete.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -36,6 +37,15 @@ def save_atomic(obj: dict[str, Any], path: Path) -> int:
     finally:
         os.close(dir_fd)
     return path.stat().st_size
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_checkpoint(path: Path) -> dict[str, Any] | None:

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from tid_core.checkpoint import sha256_file
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 
@@ -42,7 +44,7 @@ def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, di
     t_epochs, s_epochs = (1, 1) if quick else (6, 3)
     dataset = {"path": str(data), "input_size": 128}
     teacher_model = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 256}
-    student_model = {"arch": "fcos", "backbone": "mobilenet_v3_large", "fpn_channels": 64}
+    student_model = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 128}
     resources = {"nproc_per_node": 1, "num_workers": 1}
     specs: dict[str, dict[str, Any]] = {
         "teacher": {
@@ -68,16 +70,27 @@ def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, di
     return specs
 
 
-def run_job(name: str, spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
-    """Train one job (or reuse its finished run) while printing its progress."""
+def run_job(
+    name: str, spec: dict[str, Any], run_dir: Path, *, inputs: dict[str, str]
+) -> dict[str, Any]:
+    """Train one job (or reuse its finished run) while printing its progress.
+
+    A run is reused only for the same spec and the same input files (`inputs`: name -> sha256,
+    e.g. the teacher's weights); any other run in `run_dir` is removed so the trainer does not
+    try to resume a different job.
+    """
+    key = json.dumps({"spec": spec, "inputs": inputs}, indent=2, sort_keys=True)
+    key_file = run_dir / "demo-key.json"
+    if run_dir.exists() and (not key_file.exists() or key_file.read_text() != key):
+        shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    spec_file = run_dir / "spec.json"
-    text = json.dumps(spec, indent=2, sort_keys=True)
     metrics_file = run_dir / "metrics.json"
-    if metrics_file.exists() and spec_file.exists() and spec_file.read_text() == text:
+    if metrics_file.exists():
         print(f"{name:>8}: reusing finished run {run_dir}", flush=True)
         return {"metrics": json.loads(metrics_file.read_text()), "seconds": None}
-    spec_file.write_text(text)
+    key_file.write_text(key)
+    spec_file = run_dir / "spec.json"
+    spec_file.write_text(json.dumps(spec, indent=2))
     cmd = [
         sys.executable,
         "-m",
@@ -138,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     n_train, n_val = (64, 16) if args.quick else (1024, 200)
     data = args.out / f"data-{n_train}"
     generate_shapes(data, num_train=n_train, num_val=n_val, image_size=128, seed=0)
-    specs = job_specs(data, args.out / "teacher" / "student.safetensors", quick=args.quick)
+    teacher_weights = args.out / "teacher" / "student.safetensors"
+    specs = job_specs(data, teacher_weights, quick=args.quick)
     results: dict[str, dict[str, Any]] = {}
     for name, spec in specs.items():
-        results[name] = run_job(name, spec, args.out / name)
+        inputs = {"teacher": sha256_file(teacher_weights)} if "teacher" in spec else {}
+        results[name] = run_job(name, spec, args.out / name, inputs=inputs)
     print("\nCOCO mAP on the synthetic val split (percent):\n")
     print(format_table(results))
     print(f"\nStudent weights: {args.out}/tid/student.safetensors (tid_core.models.load_student)")

@@ -13,7 +13,7 @@ load.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -180,9 +180,20 @@ def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], DetectorMeta | No
 
 
 def load_checked(
-    path: Path, *, arch: str, backbone: str, num_classes: int, fpn_channels: int, image_size: int
+    path: Path,
+    *,
+    arch: str,
+    backbone: str,
+    num_classes: int,
+    fpn_channels: int,
+    image_size: int,
+    class_names: Sequence[str] | None = None,
 ) -> FCOS | RetinaNet:
-    """Build the declared detector and load `path` into it strictly, or raise naming the misfit."""
+    """Build the declared detector and load `path` into it strictly, or raise naming the misfit.
+
+    With `class_names` (the dataset's), weights that name their classes must name the same ones
+    in the same order: a teacher of another label space would teach the wrong classes.
+    """
     state, meta = read_weights(path)
     if meta is not None:
         declared = {
@@ -198,6 +209,11 @@ def load_checked(
                     f"teacher weights {path.name} have {key}={got!r} but the spec declares "
                     f"{key}={want!r}"
                 )
+        if class_names is not None and meta.class_names and meta.class_names != list(class_names):
+            raise WeightsMismatchError(
+                f"teacher weights {path.name} were trained on classes {meta.class_names} but "
+                f"the dataset has {list(class_names)}"
+            )
     model = build_detector(
         arch=arch,
         backbone=backbone,

@@ -11,7 +11,6 @@ saving a checkpoint (an `interrupted` event).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tid_core import dist
-from tid_core.checkpoint import load_checkpoint, rng_state, save_atomic, set_rng_state
+from tid_core.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_atomic,
+    set_rng_state,
+    sha256_file,
+)
 from tid_core.data.coco import CocoDetection, build_loader
 from tid_core.data.synthetic import generate_shapes
 from tid_core.distill.baselines import fitnet_loss, pkd_loss
@@ -121,6 +126,7 @@ def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Dis
         num_classes=train_ds.num_classes,
         fpn_channels=spec.teacher.fpn_channels,
         image_size=input_size,
+        class_names=train_ds.class_names,
     )
     return Distiller(
         student, teacher=teacher, loss=build_distill_loss(spec.distill), levels=spec.distill.levels
@@ -134,14 +140,6 @@ def pick_device(choice: str) -> torch.device:
         return torch.device("cpu")
     torch.cuda.set_device(dist.local_rank())
     return torch.device("cuda", dist.local_rank())
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass

@@ -328,3 +328,22 @@ def test_load_student_rejects_tensors_that_do_not_fit_their_metadata(tmp_path: P
     save_weights(small_detector(num_classes=4), small_meta(num_classes=3), path)
     with pytest.raises(WeightsMismatchError):
         load_student(path)
+
+
+def test_load_checked_rejects_teacher_of_other_classes(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.safetensors"
+    save_weights(small_detector(), small_meta(), path)
+    with pytest.raises(WeightsMismatchError, match=r"trained on classes \['circle'"):
+        load_checked(
+            path,
+            **SMALL,
+            image_size=64,
+            class_names=["cat", "dog", "bird"],  # type: ignore[arg-type]
+        )
+    same = load_checked(
+        path,
+        **SMALL,
+        image_size=64,
+        class_names=["circle", "square", "triangle"],  # type: ignore[arg-type]
+    )
+    assert not any(p.isnan().any() for p in same.parameters())

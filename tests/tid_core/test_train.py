@@ -46,6 +46,16 @@ def make_teacher(path: Path, *, num_classes: int = NUM_CLASSES, poison: bool = F
     return path
 
 
+def teacher_block(weights: Path) -> dict[str, Any]:
+    """The spec's teacher entry for weights written by `make_teacher`."""
+    return {
+        "arch": "fcos",
+        "backbone": "resnet18",
+        "fpn_channels": 128,
+        "weights": {"path": str(weights)},
+    }
+
+
 def write_spec(tmp: Path, dataset: Path, **overrides: Any) -> Path:
     spec: dict[str, Any] = {
         "name": "tiny",
@@ -126,12 +136,7 @@ def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
     spec = write_spec(
         tmp_path,
         dataset,
-        teacher={
-            "arch": "fcos",
-            "backbone": "resnet18",
-            "fpn_channels": 128,
-            "weights": {"path": str(teacher)},
-        },
+        teacher=teacher_block(teacher),
         distill={"method": "tid", "distill_warmup_iters": 2},
     )
     run_dir = tmp_path / "run"
@@ -191,12 +196,7 @@ def test_non_finite_loss_stops_with_error_event(tmp_path: Path, dataset: Path) -
     spec = write_spec(
         tmp_path,
         dataset,
-        teacher={
-            "arch": "fcos",
-            "backbone": "resnet18",
-            "fpn_channels": 128,
-            "weights": {"path": str(teacher)},
-        },
+        teacher=teacher_block(teacher),
         distill={"method": "fitnet", "distill_warmup_iters": 0},
     )
     run_dir = tmp_path / "run"
@@ -213,12 +213,7 @@ def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: P
     spec = write_spec(
         tmp_path,
         dataset,
-        teacher={
-            "arch": "fcos",
-            "backbone": "resnet18",
-            "fpn_channels": 128,
-            "weights": {"path": str(teacher)},
-        },
+        teacher=teacher_block(teacher),
         distill={"method": "tid"},
     )
     run_dir = tmp_path / "run"

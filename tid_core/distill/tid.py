@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from tid_core.distill.capture import DetectorOutputs, Targets
 
@@ -23,10 +24,13 @@ HIGH, MID, LOW = 2.0, 1.5, 0.4  # DIEM's discrete task scores
 def _best_anchor(outputs: DetectorOutputs) -> tuple[Tensor, Tensor]:
     """Per location: class probabilities [N, L, C] and box [N, L, 4] of its best-scoring anchor."""
     probs = outputs.cls_logits.detach().float().sigmoid()
-    n, la, c = probs.shape
+    boxes = outputs.decoded_boxes()
     a = outputs.num_anchors
+    if a == 1:  # FCOS: one prediction per location already
+        return probs, boxes
+    n, la, c = probs.shape
     probs = probs.view(n, la // a, a, c)
-    boxes = outputs.decoded_boxes().view(n, la // a, a, 4)
+    boxes = boxes.view(n, la // a, a, 4)
     best = probs.amax(dim=-1).argmax(dim=-1, keepdim=True)  # [N, L, 1]
     probs = probs.gather(2, best[..., None].expand(-1, -1, 1, c)).squeeze(2)
     boxes = boxes.gather(2, best[..., None].expand(-1, -1, 1, 4)).squeeze(2)
@@ -44,19 +48,13 @@ def _pairwise_iou(boxes: Tensor, gt: Tensor) -> Tensor:
     return inter / union.clamp(min=1e-6)
 
 
-def _padded_targets(targets: Targets, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """GT boxes [N, G, 4], labels [N, G] and a validity mask [N, G], padded to the largest G."""
-    g = max((len(t["boxes"]) for t in targets), default=0)
-    n = len(targets)
-    boxes = torch.zeros(n, max(g, 1), 4, device=device)
-    labels = torch.zeros(n, max(g, 1), dtype=torch.long, device=device)
-    valid = torch.zeros(n, max(g, 1), dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        k = len(t["boxes"])
-        boxes[i, :k] = t["boxes"].float()
-        labels[i, :k] = t["labels"]
-        valid[i, :k] = True
-    return boxes, labels, valid
+def _padded_targets(targets: Targets) -> tuple[Tensor, Tensor]:
+    """GT boxes [N, G, 4] and labels [N, G] padded to the largest G (at least 1) with label -1."""
+    boxes = pad_sequence([t["boxes"].float() for t in targets], batch_first=True)
+    labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=-1)
+    if boxes.shape[1] == 0:  # no GT in the whole batch
+        return boxes.new_zeros(len(targets), 1, 4), labels.new_full((len(targets), 1), -1)
+    return boxes, labels
 
 
 @torch.no_grad()
@@ -78,7 +76,32 @@ def task_significance(
     score is squared so the thresholds keep their meaning on the same {0.16 .. 4} scale.
     """
     probs, boxes = _best_anchor(outputs)
-    gt_boxes, gt_labels, valid = _padded_targets(targets, probs.device)
+    gt_boxes, gt_labels = _padded_targets(targets)
+    return _significance(
+        probs,
+        boxes,
+        gt_boxes,
+        gt_labels,
+        tasks=tasks,
+        pos_iou=pos_iou,
+        neg_iou=neg_iou,
+        p_min=p_min,
+    )
+
+
+def _significance(
+    probs: Tensor,
+    boxes: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    *,
+    tasks: Sequence[str],
+    pos_iou: float,
+    neg_iou: float,
+    p_min: float,
+) -> Tensor:
+    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4] and padded GT."""
+    valid = gt_labels >= 0
     iou = _pairwise_iou(boxes, gt_boxes).masked_fill(~valid[:, None, :], -1.0)
     best_iou, best_gt = iou.max(dim=-1)  # [N, L]
     best_iou = best_iou.clamp(min=0.0)
@@ -87,7 +110,7 @@ def task_significance(
         return torch.where(hi, HIGH, torch.where(mid, MID, LOW))
 
     score_r = level(best_iou >= pos_iou, best_iou > neg_iou)
-    label = gt_labels.gather(1, best_gt)  # [N, L]
+    label = gt_labels.gather(1, best_gt).clamp(min=0)  # [N, L]; padding only where no GT at all
     p_label = probs.gather(-1, label[..., None]).squeeze(-1)
     right = (probs.argmax(dim=-1) == label) & (best_iou > neg_iou)
     score_c = level(right & (p_label >= 0.5), right & (p_label >= p_min))
@@ -188,18 +211,23 @@ class TIDLoss(nn.Module):
     def area_masks(
         self, student: DetectorOutputs, teacher: DetectorOutputs, targets: Targets
     ) -> tuple[Tensor, Tensor]:
-        """(key, weak) masks [N, L] over all head locations."""
-        score_t, score_s = (
-            task_significance(
-                outputs,
-                targets,
-                tasks=self.tasks,
-                pos_iou=self.iou[0],
-                neg_iou=self.iou[1],
-                p_min=self.p_min,
-            )
-            for outputs in (teacher, student)
+        """(key, weak) masks [N, L] over all head locations.
+
+        Teacher and student are scored in one batched pass (half the kernel launches).
+        """
+        (probs_t, boxes_t), (probs_s, boxes_s) = _best_anchor(teacher), _best_anchor(student)
+        gt_boxes, gt_labels = _padded_targets(targets)
+        scores = _significance(
+            torch.cat([probs_t, probs_s]),
+            torch.cat([boxes_t, boxes_s]),
+            torch.cat([gt_boxes, gt_boxes]),
+            torch.cat([gt_labels, gt_labels]),
+            tasks=self.tasks,
+            pos_iou=self.iou[0],
+            neg_iou=self.iou[1],
+            p_min=self.p_min,
         )
+        score_t, score_s = scores.chunk(2)
         return split_areas(
             score_t, score_s, tau_key=self.tau[0], tau_weak=self.tau[1], weak_areas=self.weak_areas
         )
