@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[core,dev]"
+	$(PY) -m pip install --quiet -e ".[core,service,dev]"
 	@touch $(STAMP)
 
 lint: venv

@@ -1,0 +1,1 @@
+"""Database: tables (`models`), engine and sessions (`session`), migrations, job transitions."""

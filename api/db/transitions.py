@@ -1,0 +1,147 @@
+"""Every job state change, as a conditional UPDATE that says whether it applied.
+
+`queued -> running -> succeeded | failed | cancelled`, and `running -> queued` when a lease is
+lost. Nothing leaves a final state. Callers commit; a transition that did not apply changed
+nothing, so a duplicate message or a racing worker is a no-op.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import CursorResult, and_, select, update
+from sqlalchemy.orm import Session
+
+from api.db.models import FINAL_STATES, Job, JobEvent, utcnow
+
+
+def transition(
+    session: Session,
+    job_id: str,
+    *,
+    from_: str | tuple[str, ...],
+    to: str,
+    where: Any = None,
+    **values: Any,
+) -> bool:
+    """Move `job_id` from one of `from_` to `to` (setting `values`) if it is still there.
+
+    Records a `state` event when it applies. `where` adds a condition (e.g. the lease owner).
+    """
+    sources = (from_,) if isinstance(from_, str) else from_
+    if any(s in FINAL_STATES for s in sources):
+        raise ValueError(f"a job never leaves a final state ({sources} -> {to})")
+    cond = and_(Job.id == job_id, Job.state.in_(sources))
+    if where is not None:
+        cond = and_(cond, where)
+    result = session.execute(update(Job).where(cond).values(state=to, **values))
+    applied = isinstance(result, CursorResult) and result.rowcount == 1
+    if applied:
+        attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
+        data = {"state": to, **({"error": values["error"]} if values.get("error") else {})}
+        session.add(JobEvent(job_id=job_id, attempt=attempt, type="state", data=data))
+    return applied
+
+
+def claim(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> bool:
+    """queued -> running for this worker, with a fresh lease and the next attempt number."""
+    now = utcnow()
+    return transition(
+        session,
+        job_id,
+        from_="queued",
+        to="running",
+        attempt=Job.attempt + 1,
+        lease_owner=worker,
+        lease_expires=now + timedelta(seconds=lease_seconds),
+        started_at=now,
+    )
+
+
+def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> bool:
+    """Extend the lease if this worker still holds the running job; False means: stop now."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == "running", Job.lease_owner == worker)
+        .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
+    )
+    return isinstance(result, CursorResult) and result.rowcount == 1
+
+
+def finish(
+    session: Session, job_id: str, *, worker: str, state: str, error: str | None = None
+) -> bool:
+    """running -> a final state, only for the worker that holds the lease."""
+    if state not in FINAL_STATES:
+        raise ValueError(f"finish needs a final state {FINAL_STATES}, got {state!r}")
+    return transition(
+        session,
+        job_id,
+        from_="running",
+        to=state,
+        where=Job.lease_owner == worker,
+        error=error,
+        finished_at=utcnow(),
+        lease_owner=None,
+        lease_expires=None,
+    )
+
+
+def request_cancel(session: Session, job_id: str) -> bool:
+    """Flag a job for cancelling; a queued job is cancelled at once. False if already final."""
+    if transition(
+        session,
+        job_id,
+        from_="queued",
+        to="cancelled",
+        cancel_requested=True,
+        finished_at=utcnow(),
+    ):
+        return True
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+    )
+    return isinstance(result, CursorResult) and result.rowcount == 1
+
+
+def expired_leases(session: Session, *, now: datetime) -> list[Job]:
+    return list(session.scalars(select(Job).where(Job.state == "running", Job.lease_expires < now)))
+
+
+def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
+    """Reconciler: a running job whose lease expired is re-queued, or failed when out of
+    attempts (or cancelled if a cancel was pending). Returns the new state, or None."""
+    lost = and_(Job.lease_expires < now, Job.lease_owner == job.lease_owner)
+    if job.cancel_requested:
+        done = transition(
+            session, job.id, from_="running", to="cancelled", where=lost, finished_at=now
+        )
+        return "cancelled" if done else None
+    if job.attempt >= job.max_attempts:
+        error = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}"
+        done = transition(
+            session, job.id, from_="running", to="failed", where=lost, error=error, finished_at=now
+        )
+        return "failed" if done else None
+    done = transition(
+        session,
+        job.id,
+        from_="running",
+        to="queued",
+        where=lost,
+        lease_owner=None,
+        lease_expires=None,
+        queued_at=now,
+    )
+    return "queued" if done else None
+
+
+def stale_queued(session: Session, *, older_than: datetime) -> list[str]:
+    """Queued jobs nobody picked up since `older_than` (a lost message): to be sent again."""
+    ids = list(
+        session.scalars(select(Job.id).where(Job.state == "queued", Job.queued_at < older_than))
+    )
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(queued_at=utcnow()))
+    return ids

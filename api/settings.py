@@ -1,0 +1,68 @@
+"""Service settings from the environment (prefix `TID_`), with embedded defaults.
+
+With nothing set, everything lives under `var/`: a SQLite database and a Celery transport on
+the file system, so `make demo` and the tests need no server. Production sets
+`TID_DATABASE_URL` (PostgreSQL) and `TID_BROKER_URL` (Redis).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TID_", env_ignore_empty=True, extra="ignore")
+
+    data_root: Path = Path("var")
+    database_url: str = ""  # default: sqlite:///<data_root>/tid.db
+    broker_url: str = ""  # default: filesystem:// under <data_root>/broker
+    queue: str = "tid"
+    # folders under which a user may register an existing server-side dataset
+    dataset_roots: list[Path] = Field(default_factory=list)
+    lease_seconds: int = Field(default=30, ge=2, le=3600)
+    reconcile_seconds: float = Field(default=10.0, gt=0, le=3600)
+    requeue_after_seconds: float = Field(default=60.0, gt=0, le=86400)
+    cancel_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    max_json_bytes: int = Field(default=1 << 20, ge=1024)
+    max_upload_bytes: int = Field(default=4 << 30, ge=1024)
+    worker_name: str = ""  # default: hostname-pid
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Self:
+        self.data_root = self.data_root.resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_root / 'tid.db'}"
+        if self.database_url.startswith("postgresql://"):
+            self.database_url = "postgresql+psycopg://" + self.database_url.removeprefix(
+                "postgresql://"
+            )
+        if not self.broker_url:
+            self.broker_url = "filesystem://"
+        return self
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_root / "jobs"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_root / "datasets"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_root / "models"
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.data_root / "broker"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
