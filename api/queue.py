@@ -22,14 +22,14 @@ def make_celery(settings: Settings) -> Celery:
     app = Celery("tid", broker=settings.broker_url)
     options = {}
     if settings.broker_url.startswith("filesystem://"):
-        queue_dir = settings.broker_dir / "queue"
-        processed = settings.broker_dir / "processed"
-        queue_dir.mkdir(parents=True, exist_ok=True)
-        processed.mkdir(parents=True, exist_ok=True)
+        folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
+        for folder in folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
         options = {
-            "data_folder_in": str(queue_dir),
-            "data_folder_out": str(queue_dir),
-            "processed_folder": str(processed),
+            "data_folder_in": str(folders["queue"]),
+            "data_folder_out": str(folders["queue"]),
+            "processed_folder": str(folders["processed"]),
+            "control_folder": str(folders["control"]),  # else kombu writes ./control
             "store_processed": False,
         }
     app.conf.update(

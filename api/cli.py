@@ -1,0 +1,174 @@
+"""`tid`: run the service (serve, worker, db, keys) and use it over REST (submit, status, download).
+
+Server commands read the `TID_*` settings; client commands talk HTTP only (`TID_URL`,
+`TID_API_KEY`). Nothing here imports torch at import time: the worker and the demo import it
+when they run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from api.client import ApiError, Client
+from api.settings import get_settings
+
+app = typer.Typer(no_args_is_help=True, help=__doc__)
+db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database to this code's schema."""
+    from api.db.migrate import upgrade
+
+    settings = get_settings()
+    upgrade(settings.database_url)
+    typer.echo(f"database at head: {settings.database_url.split('@')[-1]}")
+
+
+@keys_app.command("create")
+def keys_create(owner: Annotated[str, typer.Option(help="who the key belongs to")]) -> None:
+    """Create an API key for OWNER and print it (it is stored hashed: copy it now)."""
+    from api.db.session import session_scope
+    from api.keys import create_key
+
+    with session_scope(get_settings().database_url) as session:
+        key = create_key(session, owner=owner)
+    typer.echo(key)
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the REST API (refuses to start on an un-migrated database)."""
+    import uvicorn
+
+    uvicorn.run("api.app:create_app", factory=True, host=host, port=port)
+
+
+@app.command()
+def worker(concurrency: int = 1) -> None:
+    """Run a Celery worker that trains jobs (one at a time per GPU: keep concurrency 1)."""
+    from worker.celery_app import app as celery
+
+    settings = get_settings()
+    argv = ["worker", "-Q", settings.queue, "-c", str(concurrency), "--prefetch-multiplier", "1"]
+    celery.worker_main([*argv, "-l", "INFO"])
+
+
+@app.command()
+def reconcile(
+    loop: Annotated[bool, typer.Option(help="repeat every TID_RECONCILE_SECONDS")] = False,
+) -> None:
+    """Re-queue jobs whose worker was lost and re-send queued jobs nobody picked up."""
+    import time
+
+    from worker.reconcile import reconcile as reconcile_once
+
+    settings = get_settings()
+    while True:
+        counts = reconcile_once(settings=settings)
+        if not loop:
+            typer.echo(json.dumps(counts))
+            return
+        time.sleep(settings.reconcile_seconds)
+
+
+def _client() -> Client:
+    return Client()
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+def _progress_line(job: dict[str, Any]) -> str:
+    total = job.get("total_steps") or "?"
+    loss = (job.get("latest_metrics") or {}).get("loss")
+    ap = job.get("best_ap")
+    parts = [f"{job['id'][:8]} {job['state']:<9} step {job.get('step', 0)}/{total}"]
+    if loss is not None:
+        parts.append(f"loss {loss:.3f}")
+    if ap is not None:
+        parts.append(f"best AP {ap:.1f}")
+    return "  ".join(parts)
+
+
+@app.command()
+def submit(
+    spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JobSpec JSON")],
+    wait: Annotated[bool, typer.Option(help="wait until the job is final")] = False,
+) -> None:
+    """Submit a job; prints its id (and waits with progress output with --wait)."""
+    client = _client()
+    try:
+        job = client.submit(json.loads(spec.read_text()))
+        typer.echo(job["id"])
+        if wait:
+            last = [""]
+
+            def show(j: dict[str, Any]) -> None:
+                line = _progress_line(j)
+                if line != last[0]:
+                    typer.echo(line, err=True)
+                    last[0] = line
+
+            job = client.wait_job(job["id"], on_poll=show, interval=2.0)
+            if job["state"] != "succeeded":
+                _fail(RuntimeError(f"job {job['state']}: {job.get('error')}"))
+    except (ApiError, OSError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def status(job_id: str) -> None:
+    """Print a job's state and progress as JSON."""
+    try:
+        typer.echo(json.dumps(_client().job(job_id), indent=2))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def download(
+    job_id: str,
+    output: Annotated[Path, typer.Option("-o", "--output", help="file to write")],
+    name: Annotated[str, typer.Option(help="student.safetensors or student.pt")] = (
+        "student.safetensors"
+    ),
+) -> None:
+    """Download a finished job's student weights (the ETag is checked against the bytes)."""
+    import hashlib
+
+    try:
+        etag = _client().download(job_id, name, output)
+    except (ApiError, OSError) as exc:
+        _fail(exc)
+        return
+    digest = hashlib.sha256(output.read_bytes()).hexdigest()
+    if etag and digest != etag:
+        _fail(RuntimeError(f"download corrupted: sha256 {digest} != ETag {etag}"))
+    typer.echo(f"{output} ({output.stat().st_size} bytes, sha256 {digest})")
+
+
+@app.command()
+def demo(
+    quick: Annotated[bool, typer.Option(help="tiny budget (a smoke test)")] = False,
+    port: int = 8765,
+) -> None:
+    """The whole service on embedded defaults: API + worker, a teacher and two students."""
+    from api.demo import run_demo
+
+    sys.exit(run_demo(quick=quick, port=port))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,105 @@
+"""A small REST client (httpx) for the CLI, the demo and the end-to-end tests.
+
+Talks HTTP only; reads `TID_URL` and `TID_API_KEY` when not given. Errors come back as
+`ApiError` carrying the server's problem+json detail.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class ApiError(RuntimeError):
+    def __init__(self, response: httpx.Response) -> None:
+        try:
+            body = response.json()
+            detail = body.get("detail") or body.get("title") or response.text
+            errors = body.get("errors")
+            if errors:
+                detail = f"{detail}: " + "; ".join(
+                    f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in errors
+                )
+        except ValueError:
+            detail = response.text
+        super().__init__(f"{response.status_code} {detail}")
+        self.status_code = response.status_code
+
+
+class Client:
+    def __init__(
+        self, url: str | None = None, api_key: str | None = None, *, timeout: float = 30.0
+    ) -> None:
+        self.url = (url or os.environ.get("TID_URL") or "http://127.0.0.1:8000").rstrip("/")
+        key = api_key or os.environ.get("TID_API_KEY")
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+
+    def _check(self, response: httpx.Response) -> httpx.Response:
+        if response.status_code >= 400:
+            raise ApiError(response)
+        return response
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._check(self.http.request(method, path, **kwargs)).json()
+
+    def submit(self, spec: dict[str, Any], *, idempotency_key: str | None = None) -> Any:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        return self.request("POST", "/v1/jobs", json=spec, headers=headers)
+
+    def job(self, job_id: str) -> Any:
+        return self.request("GET", f"/v1/jobs/{job_id}")
+
+    def metrics(self, job_id: str) -> Any:
+        return self.request("GET", f"/v1/jobs/{job_id}/metrics")
+
+    def create_dataset(self, body: dict[str, Any]) -> Any:
+        return self.request("POST", "/v1/datasets", json=body)
+
+    def dataset(self, dataset_id: str) -> Any:
+        return self.request("GET", f"/v1/datasets/{dataset_id}")
+
+    def wait(
+        self,
+        fetch: Callable[[], Any],
+        *,
+        done: Callable[[Any], bool],
+        on_poll: Callable[[Any], None] | None = None,
+        interval: float = 1.0,
+        timeout: float = 3600.0,
+    ) -> Any:
+        """Poll `fetch` until `done(result)`; `on_poll` sees each result (progress output)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            current = fetch()
+            if on_poll:
+                on_poll(current)
+            if done(current):
+                return current
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gave up after {timeout:.0f} s: {current}")
+            time.sleep(interval)
+
+    def wait_job(self, job_id: str, **kwargs: Any) -> Any:
+        return self.wait(lambda: self.job(job_id), done=lambda j: j["state"] in FINAL, **kwargs)
+
+    def download(self, job_id: str, name: str, out: Path) -> str:
+        """Stream an artifact to `out`; returns its ETag (the sha256)."""
+        with self.http.stream("GET", f"/v1/jobs/{job_id}/artifacts/{name}") as response:
+            if response.status_code >= 400:
+                response.read()
+                raise ApiError(response)
+            tmp = out.with_name(out.name + ".part")
+            with tmp.open("wb") as f:
+                for chunk in response.iter_bytes():
+                    f.write(chunk)
+            tmp.replace(out)
+            etag: str = response.headers.get("etag", "")
+            return etag.strip('"')

@@ -1,0 +1,68 @@
+"""Typed dependencies for the routes: settings, a database session per request, the caller,
+and the ownership rule every lookup of a resource goes through.
+
+Routes take these and never open sessions or read the Authorization header themselves.
+`get_settings` is the dependency itself, so tests replace it with `app.dependency_overrides`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, TypeVar
+
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from api.db.models import Dataset, Job, Model
+from api.db.session import session_scope
+from api.keys import verify_key
+from api.problems import NotFound, Unauthorized
+from api.settings import Settings, get_settings
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_session(settings: SettingsDep) -> Iterator[Session]:
+    """One session per request, committed when the route returns without error."""
+    with session_scope(settings.database_url) as session:
+        yield session
+
+
+# scope="function": commit before the response is sent, so a client that got a 2xx can
+# read what it wrote (and a failed commit is an error response, not a silent loss).
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
+
+_bearer = HTTPBearer(auto_error=False, description="API key: `tid keys create --owner NAME`")
+
+
+def get_current_owner(
+    session: SessionDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> str:
+    if credentials is None:
+        raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
+    owner = verify_key(session, credentials.credentials)
+    if owner is None:
+        raise Unauthorized("invalid or revoked API key")
+    return owner
+
+
+CurrentOwner = Annotated[str, Depends(get_current_owner)]
+
+
+Owned = TypeVar("Owned", Job, Dataset, Model)
+
+
+def find_owned(session: Session, table: type[Owned], row_id: str, *, owner: str) -> Owned | None:
+    """The row if it exists and belongs to `owner`: another owner's row is as good as absent."""
+    row = session.get(table, row_id)
+    return row if row is not None and row.owner == owner else None
+
+
+def get_owned(session: Session, table: type[Owned], row_id: str, *, owner: str) -> Owned:
+    """Like `find_owned`, for a resource named in the URL: 404 (never 403) when not the caller's."""
+    row = find_owned(session, table, row_id, owner=owner)
+    if row is None:
+        raise NotFound(f"{table.__name__.lower()} {row_id} not found")
+    return row

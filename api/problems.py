@@ -1,0 +1,148 @@
+"""RFC 9457 problem details: the one shape every 4xx/5xx of the API has.
+
+Routes raise the domain exceptions below (or let FastAPI raise validation and routing errors);
+the handlers installed by `install` render all of them as `application/problem+json`, so no
+route needs its own try/except.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+MAX_DETAIL_ERRORS = 5  # the `errors` list has them all; `detail` stays one readable line
+
+
+class ProblemError(Exception):
+    """A domain error with its HTTP status; subclasses name the kind of failure."""
+
+    status = 500
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        loc: Sequence[str | int] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.loc = loc  # where in the request the problem is, for `errors`
+        self.headers = dict(headers or {})
+
+
+class BadRequest(ProblemError):
+    status = 400
+
+
+class Unauthorized(ProblemError):
+    status = 401
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+class NotFound(ProblemError):
+    status = 404
+
+
+class Conflict(ProblemError):
+    status = 409
+
+
+class PayloadTooLarge(ProblemError):
+    status = 413
+
+
+class RangeNotSatisfiable(ProblemError):
+    status = 416
+
+    def __init__(self, detail: str, *, size: int) -> None:
+        super().__init__(detail, headers={"Content-Range": f"bytes */{size}"})
+
+
+class Unprocessable(ProblemError):
+    status = 422
+
+
+class Unavailable(ProblemError):
+    status = 503
+
+
+def problem_response(
+    *,
+    status: int,
+    detail: str,
+    instance: str,
+    errors: list[dict[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """A problem+json response; `type` is about:blank, so `title` is the HTTP status phrase."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+    }
+    if errors is not None:
+        body["errors"] = errors
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, ProblemError)
+    errors = [{"loc": list(exc.loc), "msg": exc.detail}] if exc.loc is not None else None
+    return problem_response(
+        status=exc.status,
+        detail=exc.detail,
+        instance=request.url.path,
+        errors=errors,
+        headers=exc.headers,
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    """Routing and framework errors (unknown route 404, 405, 413 from the body limit...)."""
+    assert isinstance(exc, StarletteHTTPException)
+    return problem_response(
+        status=exc.status_code,
+        detail=str(exc.detail),
+        instance=request.url.path,
+        headers=exc.headers,
+    )
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 with every pydantic error's location and message (malformed JSON included)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+    lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_DETAIL_ERRORS]]
+    more = len(errors) - len(lines)
+    detail = "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
+    return problem_response(status=422, detail=detail, instance=request.url.path, errors=errors)
+
+
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """A bug or an outage: log the traceback, tell the client only that it failed."""
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem_response(
+        status=500, detail="internal server error (logged)", instance=request.url.path
+    )
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ProblemError, _domain_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _unexpected_error)

@@ -1,0 +1,91 @@
+"""Datasets: generate the synthetic one, register a server folder, or upload a zipped COCO
+folder. Each starts `pending`; a worker checks and counts it (PREPARE_DATASET) before it is
+`ready` for jobs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Response, UploadFile
+from sqlalchemy import select
+
+from api.db.models import Dataset, new_id
+from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.dispatch import commit_and_enqueue
+from api.queue import PREPARE_DATASET
+from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
+from api.storage import extract_dataset_zip, resolve_under_roots
+from tid_core.spec import Name
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+
+def _created(response: Response, dataset: Dataset) -> DatasetPublic:
+    response.headers["Location"] = f"{router.prefix}/{dataset.id}"
+    return DatasetPublic.model_validate(dataset)
+
+
+@router.post("", status_code=202)
+def create_dataset(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    body: DatasetCreate,
+    response: Response,
+) -> DatasetPublic:
+    """`{"name", "builtin": "shapes", ...}` generates it; `{"name", "path"}` registers a folder
+    under one of the allowed roots."""
+    dataset_id = new_id()
+    if isinstance(body, BuiltinDatasetCreate):
+        kind, path = "builtin", settings.datasets_dir / dataset_id
+        source = body.model_dump(mode="json", exclude={"name"})
+    else:
+        kind, source = "path", {"path": body.path}
+        path = resolve_under_roots(body.path, settings.dataset_roots, loc=("body", "path"))
+    dataset = Dataset(
+        id=dataset_id, owner=owner, name=body.name, kind=kind, source=source, path=str(path)
+    )
+    commit_and_enqueue(session, settings, dataset, PREPARE_DATASET)
+    return _created(response, dataset)
+
+
+@router.post("/upload", status_code=202)
+def upload_dataset(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    name: Annotated[Name, Form()],
+    file: UploadFile,
+    response: Response,
+) -> DatasetPublic:
+    """A .zip of a COCO folder (`annotations/instances_{train,val}.json` and the images),
+    unpacked into the service's datasets folder after its entries are checked."""
+    dataset_id = new_id()
+    path = settings.datasets_dir / dataset_id
+    extract_dataset_zip(file.file, path, max_bytes=settings.max_upload_bytes)
+    dataset = Dataset(
+        id=dataset_id,
+        owner=owner,
+        name=name,
+        kind="upload",
+        source={"filename": file.filename},
+        path=str(path),
+    )
+    commit_and_enqueue(session, settings, dataset, PREPARE_DATASET)
+    return _created(response, dataset)
+
+
+@router.get("")
+def list_datasets(*, session: SessionDep, owner: CurrentOwner) -> DatasetsPublic:
+    rows = session.scalars(
+        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
+    )
+    return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows])
+
+
+@router.get("/{dataset_id}")
+def read_dataset(*, session: SessionDep, owner: CurrentOwner, dataset_id: str) -> DatasetPublic:
+    return DatasetPublic.model_validate(get_owned(session, Dataset, dataset_id, owner=owner))

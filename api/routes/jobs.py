@@ -1,0 +1,344 @@
+"""Jobs: submit a JobSpec, follow it (state, metrics, checkpoints, logs, live events), cancel it,
+download the distilled student. The submit path checks every id and path the spec names, so a
+job that is queued can be run by a worker without asking the user anything again.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated, Any
+
+import anyio
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from sqlalchemy import and_, or_, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from api.db.models import (
+    FINAL_STATES,
+    JOB_STATES,
+    Artifact,
+    Checkpoint,
+    Evaluation,
+    IdempotencyKey,
+    Job,
+    JobEvent,
+    Metric,
+)
+from api.db.session import session_scope
+from api.db.transitions import request_cancel
+from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.dispatch import enqueue
+from api.problems import Conflict, NotFound, Unprocessable
+from api.queue import RUN_JOB
+from api.references import checked_spec
+from api.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EvaluationPublic,
+    JobPublic,
+    JobsPublic,
+    MetricPoint,
+    MetricsPublic,
+)
+from api.settings import Settings
+from api.storage import check_range, etag_matches, tail_lines
+from tid_core.spec import JobSpec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+POLL_SECONDS = 0.5  # how often an event stream looks for new rows
+KEEPALIVE_SECONDS = 15.0  # a comment line keeps proxies from closing a quiet stream
+EVENTS_BATCH = 500
+LATEST_ROWS = 64  # a step logs a few dozen scalars at most
+MAX_METRICS = 10_000
+
+
+def _public(session: Session, job: Job) -> JobPublic:
+    """The job with the metrics of its last logged step."""
+    rows = session.execute(
+        select(Metric.step, Metric.name, Metric.value)
+        .where(Metric.job_id == job.id)
+        .order_by(Metric.id.desc())
+        .limit(LATEST_ROWS)
+    ).all()
+    latest = {name: value for step, name, value in reversed(rows) if step == rows[0].step}
+    return JobPublic.model_validate(job).model_copy(update={"latest_metrics": latest})
+
+
+def _replayed(session: Session, *, owner: str, key: str, request_hash: str) -> Job | None:
+    """The job an earlier request with this Idempotency-Key created, if it had the same body."""
+    row = session.get(IdempotencyKey, (owner, key))
+    if row is None:
+        return None
+    if row.request_hash != request_hash:
+        raise Unprocessable(
+            f"Idempotency-Key {key!r} was already used with a different body",
+            loc=("header", "Idempotency-Key"),
+        )
+    return session.get(Job, row.job_id)
+
+
+def _create_job(
+    session: Session,
+    settings: Settings,
+    spec: JobSpec,
+    *,
+    owner: str,
+    key: str | None,
+    request_hash: str,
+) -> Job:
+    """Insert and commit the job (with its idempotency key), then send its task."""
+    job = Job(
+        owner=owner,
+        name=spec.name,
+        spec=checked_spec(session, settings, spec, owner=owner).model_dump(mode="json"),
+        method=spec.distill.method,
+        max_attempts=settings.max_attempts,
+    )
+    session.add(job)
+    session.flush()
+    if key:
+        session.add(IdempotencyKey(owner=owner, key=key, request_hash=request_hash, job_id=job.id))
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        earlier = (
+            _replayed(session, owner=owner, key=key, request_hash=request_hash) if key else None
+        )
+        if earlier is None:
+            raise
+        return earlier  # a concurrent request with the same key committed first
+    enqueue(settings, RUN_JOB, job.id)  # if it is lost, the reconciler re-sends queued jobs
+    return job
+
+
+@router.post("", status_code=202)
+def submit_job(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    spec: JobSpec,
+    response: Response,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
+) -> JobPublic:
+    """Queue a job. A repeated Idempotency-Key with the same body answers with the job it
+    created (no new row); with another body it is a 422."""
+    request_hash = spec.spec_hash()
+    job = None
+    if idempotency_key:
+        job = _replayed(session, owner=owner, key=idempotency_key, request_hash=request_hash)
+    if job is None:
+        job = _create_job(
+            session, settings, spec, owner=owner, key=idempotency_key, request_hash=request_hash
+        )
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return _public(session, job)
+
+
+def _encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        at, job_id = raw.split("|", 1)
+        return datetime.fromisoformat(at), job_id
+    except ValueError as exc:  # bad base64, bad UTF-8, no separator or a bad time
+        raise Unprocessable("invalid cursor", loc=("query", "cursor")) from exc
+
+
+@router.get("")
+def list_jobs(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    state: Annotated[str | None, Query(pattern=f"^({'|'.join(JOB_STATES)})$")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: Annotated[str | None, Query(max_length=512)] = None,
+) -> JobsPublic:
+    """The caller's jobs, newest first; `next_cursor` fetches the next page."""
+    query = select(Job).where(Job.owner == owner)
+    if state:
+        query = query.where(Job.state == state)
+    if cursor:
+        at, last_id = _decode_cursor(cursor)
+        query = query.where(or_(Job.created_at < at, and_(Job.created_at == at, Job.id < last_id)))
+    jobs = list(
+        session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
+    )
+    next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
+    return JobsPublic(data=[_public(session, job) for job in jobs[:limit]], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}")
+def read_job(*, session: SessionDep, owner: CurrentOwner, job_id: str) -> JobPublic:
+    return _public(session, get_owned(session, Job, job_id, owner=owner))
+
+
+@router.get("/{job_id}/metrics")
+def read_job_metrics(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    job_id: str,
+    name: Annotated[str | None, Query(max_length=64)] = None,
+    after_id: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=MAX_METRICS)] = MAX_METRICS,
+) -> MetricsPublic:
+    """Metric points in logging order (page with `after_id`), and every evaluation."""
+    job = get_owned(session, Job, job_id, owner=owner)
+    query = select(Metric).where(Metric.job_id == job.id, Metric.id > after_id)
+    if name:
+        query = query.where(Metric.name == name)
+    points = session.scalars(query.order_by(Metric.id).limit(limit))
+    evaluations = session.scalars(
+        select(Evaluation).where(Evaluation.job_id == job.id).order_by(Evaluation.id)
+    )
+    return MetricsPublic(
+        data=[MetricPoint.model_validate(p) for p in points],
+        evaluations=[EvaluationPublic.model_validate(e) for e in evaluations],
+    )
+
+
+@router.get("/{job_id}/checkpoints")
+def list_job_checkpoints(
+    *, session: SessionDep, owner: CurrentOwner, job_id: str
+) -> CheckpointsPublic:
+    job = get_owned(session, Job, job_id, owner=owner)
+    rows = session.scalars(
+        select(Checkpoint).where(Checkpoint.job_id == job.id).order_by(Checkpoint.id)
+    )
+    return CheckpointsPublic(data=[CheckpointPublic.model_validate(r) for r in rows])
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+def read_job_logs(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    job_id: str,
+    tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
+) -> PlainTextResponse:
+    """The trainer log's last lines (empty until the job has started)."""
+    job = get_owned(session, Job, job_id, owner=owner)
+    return PlainTextResponse(tail_lines(settings.jobs_dir / job.id / "train.log", tail))
+
+
+@router.post("/{job_id}/cancel", status_code=202)
+def cancel_job(*, session: SessionDep, owner: CurrentOwner, job_id: str) -> JobPublic:
+    """A queued job is cancelled at once; a running one when its worker sees the flag."""
+    job = get_owned(session, Job, job_id, owner=owner)
+    applied = request_cancel(session, job.id)
+    session.refresh(job)
+    if not applied:
+        raise Conflict(f"job {job.id} is already {job.state}")
+    return _public(session, job)
+
+
+def _poll_events(database_url: str, job_id: str, after: int) -> tuple[bool, list[Any]]:
+    """(job is final, event rows after `after`), read in one short session of its own."""
+    with session_scope(database_url) as session:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        rows = session.execute(
+            select(JobEvent.id, JobEvent.type, JobEvent.data)
+            .where(JobEvent.job_id == job_id, JobEvent.id > after)
+            .order_by(JobEvent.id)
+            .limit(EVENTS_BATCH)
+        ).all()
+    return state is None or state in FINAL_STATES, list(rows)
+
+
+async def _event_stream(database_url: str, job_id: str, after: int) -> AsyncIterator[str]:
+    """SSE frames until the job is final and every row is sent; no connection is held between
+    polls (each runs in a worker thread with its own session)."""
+    quiet_since = time.monotonic()
+    while True:
+        final, rows = await anyio.to_thread.run_sync(_poll_events, database_url, job_id, after)
+        for row_id, kind, data in rows:
+            yield f"id: {row_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+            after = row_id
+        if final and len(rows) < EVENTS_BATCH:
+            return
+        if rows:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        if len(rows) < EVENTS_BATCH:
+            await anyio.sleep(POLL_SECONDS)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}},
+)
+def stream_job_events(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    job_id: str,
+    last_event_id: Annotated[int | None, Query(ge=0)] = None,
+    last_event_id_header: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+) -> StreamingResponse:
+    """Server-Sent Events of the job's event rows; resumes after `Last-Event-ID`."""
+    job = get_owned(session, Job, job_id, owner=owner)
+    after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    return StreamingResponse(
+        _event_stream(settings.database_url, job.id, after),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/{name}",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, 206: {}},
+)
+def download_artifact(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    job_id: str,
+    name: str,
+    if_none_match: Annotated[str | None, Header()] = None,
+    range_header: Annotated[str | None, Header(alias="Range")] = None,
+) -> Response:
+    """`student.pt` or `student.safetensors` of a finished job; ETag is the sha256, and
+    If-None-Match and Range requests are honoured."""
+    job = get_owned(session, Job, job_id, owner=owner)
+    artifact = session.scalar(
+        select(Artifact).where(Artifact.job_id == job.id, Artifact.name == name)
+    )
+    if artifact is None:
+        raise NotFound(f"job {job.id} has no artifact {name!r} (yet)")
+    etag = f'"{artifact.sha256}"'
+    if if_none_match and etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers={"ETag": etag})
+    path = settings.jobs_dir / job.id / artifact.path
+    if not path.is_file():
+        raise NotFound(f"artifact {name!r} of job {job.id} is missing on disk")
+    stat = path.stat()
+    if range_header:
+        check_range(range_header, stat.st_size)
+    return FileResponse(
+        path,
+        filename=name,
+        media_type="application/octet-stream",
+        headers={"ETag": etag},
+        stat_result=stat,
+    )

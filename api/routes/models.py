@@ -1,0 +1,63 @@
+"""Models: uploaded teacher weights (`.pt` or `.safetensors`). Each starts `pending`; a worker
+loads it with `weights_only=True` and records what it is (CHECK_MODEL) before it is `ready`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Form, Response, UploadFile
+from sqlalchemy import select
+
+from api.db.models import Model, new_id
+from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.dispatch import commit_and_enqueue
+from api.problems import Unprocessable
+from api.queue import CHECK_MODEL
+from api.schemas import ModelPublic, ModelsPublic
+from api.storage import save_upload
+from tid_core.spec import Name
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+WEIGHT_SUFFIXES = (".pt", ".safetensors")
+
+
+@router.post("", status_code=202)
+def upload_model(
+    *,
+    session: SessionDep,
+    owner: CurrentOwner,
+    settings: SettingsDep,
+    name: Annotated[Name, Form()],
+    file: UploadFile,
+    response: Response,
+) -> ModelPublic:
+    """Store the file as `<models_dir>/<id>/weights.<ext>` with its sha256."""
+    suffix = Path(file.filename or "").suffix.lower()
+    if suffix not in WEIGHT_SUFFIXES:
+        raise Unprocessable(
+            f"weights must be a {' or '.join(WEIGHT_SUFFIXES)} file, got {file.filename!r}",
+            loc=("body", "file"),
+        )
+    model_id = new_id()
+    path = settings.models_dir / model_id / f"weights{suffix}"
+    sha256, size = save_upload(file.file, path, max_bytes=settings.max_upload_bytes)
+    model = Model(id=model_id, owner=owner, name=name, path=str(path), sha256=sha256, bytes=size)
+    commit_and_enqueue(session, settings, model, CHECK_MODEL)
+    response.headers["Location"] = f"{router.prefix}/{model.id}"
+    return ModelPublic.model_validate(model)
+
+
+@router.get("")
+def list_models(*, session: SessionDep, owner: CurrentOwner) -> ModelsPublic:
+    rows = session.scalars(
+        select(Model).where(Model.owner == owner).order_by(Model.created_at.desc())
+    )
+    return ModelsPublic(data=[ModelPublic.model_validate(r) for r in rows])
+
+
+@router.get("/{model_id}")
+def read_model(*, session: SessionDep, owner: CurrentOwner, model_id: str) -> ModelPublic:
+    return ModelPublic.model_validate(get_owned(session, Model, model_id, owner=owner))

@@ -1,0 +1,71 @@
+"""API fixtures: a migrated SQLite database and data root per test, an app on them, API keys for
+two owners, and the tasks the API sends (recorded instead of reaching a broker: the workers
+have their own tests)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from factories import make_settings
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session
+from support import Sent
+
+import api.dispatch
+from api.app import create_app
+from api.db.migrate import upgrade
+from api.db.session import get_sessionmaker, session_scope
+from api.keys import create_key
+from api.settings import Settings, get_settings
+
+
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    settings = make_settings(tmp_path)
+    upgrade(settings.database_url)
+    return settings
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Session]:
+    """A session of the test's own, for factories and for reading back what the API wrote."""
+    session = get_sessionmaker(settings.database_url)()
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
+    calls: Sent = []
+
+    def record(settings: Settings, task: str, *args: str) -> None:
+        calls.append((task, args))
+
+    monkeypatch.setattr(api.dispatch, "send", record)
+    return calls
+
+
+@pytest.fixture
+def client(settings: Settings, sent: Sent) -> Iterator[TestClient]:
+    app = create_app(settings)
+    app.dependency_overrides[get_settings] = lambda: settings
+    with TestClient(app) as client:
+        yield client
+
+
+def _headers(settings: Settings, owner: str) -> dict[str, str]:
+    with session_scope(settings.database_url) as session:
+        key = create_key(session, owner=owner)
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def owner_headers(settings: Settings) -> dict[str, str]:
+    return _headers(settings, "alice")
+
+
+@pytest.fixture
+def other_headers(settings: Settings) -> dict[str, str]:
+    return _headers(settings, "bob")

@@ -1,0 +1,107 @@
+"""Test settings, and rows inserted directly into the database: the states a worker would
+have produced."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from api.db.models import Artifact, Dataset, Job, JobEvent, Metric, Model, new_id, utcnow
+from api.settings import Settings
+
+SPEC: dict[str, Any] = {"name": "job", "dataset": {"builtin": "shapes"}}
+
+
+def make_settings(tmp_path: Path) -> Settings:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir(exist_ok=True)
+    data = tmp_path / "data"
+    return Settings(
+        data_root=data,
+        database_url=f"sqlite:///{data / 'tid.db'}",
+        broker_url="filesystem://",
+        dataset_roots=[allowed],
+        max_attempts=2,
+        max_json_bytes=16 * 1024,
+        max_upload_bytes=256 * 1024,
+    )
+
+
+def _commit(session: Session, row: Any) -> Any:
+    session.add(row)
+    session.commit()
+    return row
+
+
+def make_job(session: Session, *, owner: str, state: str = "succeeded", **overrides: Any) -> Job:
+    values: dict[str, Any] = {"name": "job", "spec": SPEC, "method": "none", "state": state}
+    if state != "queued":
+        values.update(attempt=1, started_at=utcnow() - timedelta(minutes=1))
+    if state in ("succeeded", "failed", "cancelled"):
+        values["finished_at"] = utcnow()
+    job: Job = _commit(session, Job(owner=owner, **{**values, **overrides}))
+    return job
+
+
+def make_dataset(
+    session: Session, *, owner: str, state: str = "ready", **overrides: Any
+) -> Dataset:
+    dataset_id = new_id()
+    values: dict[str, Any] = {
+        "name": "ds",
+        "kind": "builtin",
+        "source": {"builtin": "shapes"},
+        "path": f"/nowhere/{dataset_id}",
+        "state": state,
+    }
+    dataset: Dataset = _commit(
+        session, Dataset(id=dataset_id, owner=owner, **{**values, **overrides})
+    )
+    return dataset
+
+
+def make_model(session: Session, *, owner: str, state: str = "ready") -> Model:
+    model: Model = _commit(
+        session,
+        Model(
+            owner=owner, name="m", path="/nowhere/weights.pt", sha256="0" * 64, bytes=1, state=state
+        ),
+    )
+    return model
+
+
+def add_metrics(session: Session, job: Job, points: list[tuple[int, str, float]]) -> None:
+    session.add_all(
+        Metric(job_id=job.id, attempt=1, step=step, name=name, value=value)
+        for step, name, value in points
+    )
+    session.commit()
+
+
+def add_event(session: Session, job: Job, kind: str, data: dict[str, Any]) -> JobEvent:
+    event: JobEvent = _commit(session, JobEvent(job_id=job.id, attempt=1, type=kind, data=data))
+    return event
+
+
+def add_artifact(
+    session: Session, settings: Settings, job: Job, *, name: str, content: bytes
+) -> Artifact:
+    """The file under the job's run directory and its row, as the worker records an export."""
+    path = settings.jobs_dir / job.id / "export" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    artifact: Artifact = _commit(
+        session,
+        Artifact(
+            job_id=job.id,
+            name=name,
+            path=f"export/{name}",
+            sha256=hashlib.sha256(content).hexdigest(),
+            bytes=len(content),
+        ),
+    )
+    return artifact

@@ -1,0 +1,114 @@
+"""Static checks of docker-compose.yml and the Dockerfiles (no Docker engine runs here).
+
+They keep the deployment correct by construction: every service and file it names exists,
+every TID_* variable is a real setting, every command is a real `tid` command, and the images
+install the project with the same pip commands as the Makefile.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from typer.main import get_command
+
+from api.cli import app as cli_app
+from api.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return data
+
+
+def _dockerfiles() -> list[Path]:
+    return sorted((ROOT / "docker").glob("*.Dockerfile"))
+
+
+def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert {"postgres", "redis", "api", "worker", "worker-cpu", "reconciler"} <= services.keys()
+    assert services["worker"]["profiles"] == ["gpu"]
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["capabilities"] == ["gpu"] and gpu["count"] == 1
+    assert "healthcheck" in services["api"]
+    assert services["api"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for name in ("api", "worker", "worker-cpu"):
+        assert "data:/data" in services[name]["volumes"]  # one shared artifact volume
+
+
+def test_compose_env_names_are_settings(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fields = {f"TID_{name.upper()}" for name in Settings.model_fields}
+    for name, service in compose["services"].items():
+        env = service.get("environment") or {}
+        for key, value in env.items():
+            if key.startswith("TID_"):
+                assert key in fields, f"{name}: {key} is not a setting"
+                monkeypatch.setenv(key, value)
+        if "TID_DATABASE_URL" in env:  # the values parse as the settings they name
+            settings = Settings()
+            assert settings.database_url.startswith("postgresql+psycopg://")
+            assert settings.broker_url.startswith("redis://")
+
+
+def test_compose_builds_reference_existing_files(compose: dict[str, Any]) -> None:
+    for service in compose["services"].values():
+        build = service.get("build")
+        if build:
+            assert (ROOT / build["context"] / build["dockerfile"]).is_file()
+
+
+def test_compose_commands_are_real_cli_commands(compose: dict[str, Any]) -> None:
+    commands = get_command(cli_app).commands  # type: ignore[attr-defined]
+    for name, service in compose["services"].items():
+        command = service.get("command")
+        if command and command[0] == "tid":
+            assert command[1] in commands, f"{name}: tid {command[1]} does not exist"
+
+
+@pytest.mark.parametrize("dockerfile", _dockerfiles(), ids=lambda p: p.name)
+def test_dockerfile_copies_existing_paths_and_runs_real_commands(dockerfile: Path) -> None:
+    text = dockerfile.read_text()
+    for line in re.findall(r"^COPY (.+)$", text, flags=re.M):
+        *sources, _dest = line.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"{dockerfile.name}: COPY {source} missing"
+    commands = get_command(cli_app).commands  # type: ignore[attr-defined]
+    for tid_call in re.findall(r"\btid ([a-z]+)", text):
+        assert tid_call in commands, f"{dockerfile.name}: tid {tid_call} does not exist"
+
+
+@pytest.mark.parametrize("dockerfile", _dockerfiles(), ids=lambda p: p.name)
+def test_dockerfile_installs_like_the_makefile(dockerfile: Path) -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    make_lines = re.findall(r"\$\(PY\) (-m pip install .+)", makefile)
+    docker_lines = re.findall(
+        r"python (-m pip install .+?)(?: \\|$| &&)", dockerfile.read_text(), re.M
+    )
+    assert len(docker_lines) == len(make_lines) == 2
+    extras = re.compile(r"^\.\[([a-z,]+)\]$")
+    for make, docker in zip(make_lines, docker_lines, strict=True):
+        make_args = [a for a in shlex.split(make) if a != "-e"]  # the image is not editable
+        docker_args = shlex.split(docker)
+        assert make_args[:-1] == docker_args[:-1]  # same command and options
+        make_m, docker_m = extras.match(make_args[-1]), extras.match(docker_args[-1])
+        if make_m is None:
+            assert make_args == docker_args
+            continue
+        assert docker_m is not None, docker
+        docker_extras = set(docker_m.group(1).split(","))
+        assert docker_extras <= set(make_m.group(1).split(",")) - {"dev"}
+        if "api" in dockerfile.name:
+            assert "core" not in docker_extras  # the API image never gets torch
+        else:
+            assert {"core", "service"} <= docker_extras
