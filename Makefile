@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo clean
+.PHONY: venv test lint typecheck unit demo demo-local clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,9 @@ unit: venv
 test: lint typecheck unit
 
 demo: venv
+	$(VENV)/bin/tid demo
+
+demo-local: venv
 	$(PY) -m tid_core.demo
 
 clean:

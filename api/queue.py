@@ -1,7 +1,9 @@
 """The Celery app as both sides see it: broker, queue and task names (no task code, no torch).
 
 The API sends tasks by name (`send_task`) after its transaction commits; `worker.celery_app`
-registers the implementations on an app built by the same function.
+registers the implementations on an app built by the same function. The reconciler is not a
+Celery task but a loop process (`tid reconcile --loop`), so it runs even when every worker is
+busy training.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from celery import Celery
 from api.settings import Settings
 
 RUN_JOB = "tid.run_job"
-RECONCILE = "tid.reconcile"
 PREPARE_DATASET = "tid.prepare_dataset"
 CHECK_MODEL = "tid.check_model"
 
@@ -41,9 +42,6 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         task_ignore_result=True,  # the database is the result store
         worker_hijack_root_logger=False,
-        beat_schedule={
-            "reconcile": {"task": RECONCILE, "schedule": settings.reconcile_seconds},
-        },
     )
     return app
 

@@ -1,0 +1,140 @@
+"""A real service stack per test: API (uvicorn), Celery worker(s) and the reconciler as processes.
+
+Two backends: `embedded` (SQLite + file-system broker, always) and `postgres-redis` (the real
+servers on 127.0.0.1, when `TID_TEST_POSTGRES_URL` and `TID_TEST_REDIS_URL` are set, as
+`.ci/run` does). Each stack gets its own database / Redis db and queue, so runs never mix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from api.client import Client
+from api.db.migrate import upgrade
+from api.db.session import session_scope
+from api.keys import create_key
+from api.settings import Settings
+
+POSTGRES = os.environ.get(
+    "TID_TEST_POSTGRES_URL"
+)  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
+REDIS = os.environ.get("TID_TEST_REDIS_URL")  # e.g. redis://127.0.0.1:6379
+BACKENDS = ["embedded"] + (["postgres-redis"] if POSTGRES and REDIS else [])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def _postgres_database() -> Iterator[str]:
+    import psycopg
+
+    assert POSTGRES
+    name = f"tid_it_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@dataclass
+class Stack:
+    """A running service; `env` is what its processes see."""
+
+    settings: Settings
+    env: dict[str, str]
+    client: Client
+    logs: Path
+    procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+        out = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "api.cli", *args],
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs[name] = proc
+        return proc
+
+    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+        return self.start(name, "worker")
+
+    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        proc = self.procs.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+    def log(self, name: str) -> str:
+        return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(params=BACKENDS)
+def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    backend = request.param
+    with contextlib.ExitStack() as exits:
+        env = {
+            **os.environ,
+            "TID_DATA_ROOT": str(tmp_path / "data"),
+            "TID_QUEUE": f"tid-{uuid.uuid4().hex[:8]}",
+            "TID_LEASE_SECONDS": "5",
+            "TID_RECONCILE_SECONDS": "1",
+            "TID_REQUEUE_AFTER_SECONDS": "5",
+            "TID_CANCEL_GRACE_SECONDS": "5",
+            "OMP_NUM_THREADS": "1",
+        }
+        if backend == "postgres-redis":
+            assert REDIS
+            env["TID_DATABASE_URL"] = exits.enter_context(_postgres_database())
+            env["TID_BROKER_URL"] = f"{REDIS.rstrip('/')}/{int(uuid.uuid4().int % 15) + 1}"
+        settings = Settings(
+            **{k.removeprefix("TID_").lower(): v for k, v in env.items() if k.startswith("TID_")}
+        )
+        upgrade(settings.database_url)
+        with session_scope(settings.database_url) as session:
+            key = create_key(session, owner="alice")
+        port = _free_port()
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
+        stack = Stack(settings, env, client, logs)
+        try:
+            stack.start("api", "serve", "--port", str(port))
+            stack.start("reconciler", "reconcile", "--loop")
+            deadline = time.monotonic() + 60
+            while True:
+                with contextlib.suppress(Exception):
+                    if client.http.get("/readyz").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, stack.log("api")
+                time.sleep(0.3)
+            yield stack
+        finally:
+            for name in list(stack.procs):
+                stack.stop(name)

@@ -1,0 +1,118 @@
+"""REST -> Celery worker -> torchrun -> COCO mAP, on real processes and a real broker/database."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from api.client import Client
+from tid_core.models import load_student
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration]
+
+
+def tiny_spec(dataset_id: str, name: str, **overrides: Any) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "name": name,
+        "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
+        "dataset": {"id": dataset_id, "input_size": 64},
+        "schedule": {"epochs": 2, "batch_size": 4, "warmup_iters": 2, "log_every": 1},
+        "resources": {"num_workers": 0, "device": "cpu"},
+    }
+    spec.update(overrides)
+    return spec
+
+
+def make_dataset(client: Client) -> str:
+    body = {"name": "tiny", "builtin": "shapes", "num_train": 16, "num_val": 4, "image_size": 64}
+    ds = client.create_dataset(body)
+    ds = client.wait(
+        lambda: client.dataset(ds["id"]),
+        done=lambda d: d["state"] != "pending",
+        timeout=120,
+        interval=0.3,
+    )
+    assert ds["state"] == "ready", ds
+    assert (ds["num_train"], ds["num_val"]) == (16, 4)
+    return str(ds["id"])
+
+
+def run_dir(stack: Any, job_id: str) -> Path:
+    return stack.settings.jobs_dir / job_id
+
+
+def test_submit_train_distill_download(stack: Any, tmp_path: Path) -> None:
+    stack.start_worker("worker")
+    client = stack.client
+    dataset_id = make_dataset(client)
+
+    teacher = client.submit(tiny_spec(dataset_id, "teacher"))
+    assert teacher["state"] == "queued"
+    seen_running_metrics = False
+    while (job := client.job(teacher["id"]))["state"] not in ("succeeded", "failed", "cancelled"):
+        if job["state"] == "running" and client.metrics(teacher["id"])["data"]:
+            seen_running_metrics = True  # rows appear while it trains, not only at the end
+        time.sleep(0.2)
+    assert job["state"] == "succeeded", (job, stack.log("worker"))
+    assert seen_running_metrics
+    assert job["attempt"] == 1
+
+    student = client.submit(
+        tiny_spec(
+            dataset_id,
+            "student",
+            teacher={
+                "arch": "fcos",
+                "backbone": "resnet18",
+                "fpn_channels": 64,
+                "weights": {"job": teacher["id"]},
+            },
+            distill={"method": "tid", "distill_warmup_iters": 2},
+        )
+    )
+    job = client.wait_job(student["id"], timeout=300, interval=0.5)
+    assert job["state"] == "succeeded", (job, stack.log("worker"))
+
+    metrics = client.metrics(student["id"])
+    names = {m["name"] for m in metrics["data"]}
+    assert {"loss", "lr", "tid_key", "tid_weak", "tid_rest", "eval/AP"} <= names
+    assert {m["step"] for m in metrics["data"] if m["name"] == "loss"} == set(range(1, 9))
+    evaluations = metrics["evaluations"]
+    assert len(evaluations) == 2 and evaluations[-1]["backend"] == "faster-coco-eval"
+    assert {"ap", "ap50", "ap75", "aps", "apm", "apl", "per_class"} <= evaluations[-1].keys()
+
+    checkpoints = client.request("GET", f"/v1/jobs/{student['id']}/checkpoints")["data"]
+    assert checkpoints
+    for ckpt in checkpoints:
+        path = run_dir(stack, student["id"]) / ckpt["path"]
+        if path.exists():  # older epoch files are pruned; the newest must be there
+            assert hashlib.sha256(path.read_bytes()).hexdigest() == ckpt["sha256"]
+    newest = run_dir(stack, student["id"]) / checkpoints[-1]["path"]
+    assert hashlib.sha256(newest.read_bytes()).hexdigest() == checkpoints[-1]["sha256"]
+
+    out = tmp_path / "student.safetensors"
+    etag = client.download(student["id"], "student.safetensors", out)
+    assert etag == hashlib.sha256(out.read_bytes()).hexdigest()
+    model, meta = load_student(out)
+    assert meta.num_classes == 5 and not model.training
+
+
+def test_two_workers_two_jobs_each_claimed_once(stack: Any) -> None:
+    stack.start_worker("worker-a")
+    stack.start_worker("worker-b")
+    client = stack.client
+    dataset_id = make_dataset(client)
+    ids = [client.submit(tiny_spec(dataset_id, f"job-{i}"))["id"] for i in range(2)]
+    jobs = [client.wait_job(job_id, timeout=300, interval=0.5) for job_id in ids]
+    assert [j["state"] for j in jobs] == ["succeeded", "succeeded"], stack.log(
+        "worker-a"
+    ) + stack.log("worker-b")
+    for job_id in ids:
+        assert client.job(job_id)["attempt"] == 1
+        events = client.http.get(f"/v1/jobs/{job_id}/events").text
+        assert events.count("event: state") >= 2
+        assert events.count('"state": "running"') + events.count('"state":"running"') == 1

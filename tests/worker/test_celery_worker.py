@@ -1,0 +1,120 @@
+"""A real `celery worker` process on the file-system broker: run a job, and hand one back on
+SIGTERM (a deploy) so that the next worker resumes it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from worker_support import MakeJob, queued_messages, read_job, tiny_spec
+
+from api.db.models import Job, JobEvent
+from api.db.session import session_scope
+from api.queue import RUN_JOB, send
+from api.settings import Settings
+from worker.reconcile import reconcile
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+StartWorker = Callable[..., subprocess.Popen[bytes]]
+
+
+def worker_env(settings: Settings) -> dict[str, str]:
+    fields = ("data_root", "queue", "lease_seconds", "reconcile_seconds", "requeue_after_seconds")
+    tid = {f"TID_{name.upper()}": str(getattr(settings, name)) for name in fields}
+    # a deploy waits for the trainer's checkpoint: give it time on a busy 2-core machine
+    return {**os.environ, **tid, "TID_CANCEL_GRACE_SECONDS": "30"}
+
+
+@pytest.fixture
+def start_worker(settings: Settings, tmp_path: Path) -> Iterator[StartWorker]:
+    """Start `celery -A worker.celery_app worker` processes; stop any left at the end."""
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, pool: str = "prefork") -> subprocess.Popen[bytes]:
+        cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-P", pool]
+        args = ["-Q", settings.queue, "-c", "1", "--prefetch-multiplier", "1", "-l", "INFO"]
+        with (tmp_path / f"{name}.log").open("ab") as out:
+            proc = subprocess.Popen(
+                [*cmd, *args, "-n", f"{name}@%h"],
+                cwd=REPO,
+                env=worker_env(settings),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def wait_for(settings: Settings, job_id: str, done: Callable[[Job], bool], logs: Path) -> Job:
+    deadline = time.monotonic() + 120
+    while not done(job := read_job(settings, job_id)):
+        if time.monotonic() > deadline:
+            tails = {p.name: p.read_text(errors="replace")[-3000:] for p in logs.glob("*.log")}
+            pytest.fail(f"job {job_id} stuck in {job.state} at step {job.step}: {tails}")
+        time.sleep(0.3)
+    return job
+
+
+def stop(proc: subprocess.Popen[bytes], timeout: float = 60) -> int:
+    """SIGTERM to the worker's main process only, as `docker stop` does."""
+    proc.send_signal(signal.SIGTERM)
+    return proc.wait(timeout=timeout)
+
+
+def test_celery_worker_runs_a_job(
+    settings: Settings, make_job: MakeJob, start_worker: StartWorker, tmp_path: Path
+) -> None:
+    worker = start_worker("w1")
+    job_id = make_job()
+
+    send(settings, RUN_JOB, job_id)
+
+    job = wait_for(settings, job_id, lambda j: j.state in ("succeeded", "failed"), tmp_path)
+    assert job.state == "succeeded", job.error
+    assert job.lease_owner is None
+    assert stop(worker) == 0
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_sigterm_hands_the_job_back_and_another_worker_resumes_it(
+    settings: Settings, make_job: MakeJob, start_worker: StartWorker, tmp_path: Path, pool: str
+) -> None:
+    job_id = make_job(spec=tiny_spec(dataset={"num_train": 120}))  # 30 steps
+    first = start_worker("w1", pool)
+    send(settings, RUN_JOB, job_id)
+    wait_for(settings, job_id, lambda j: j.step >= 1, tmp_path)
+
+    assert stop(first) == 0
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.attempt, job.lease_owner) == ("queued", 1, None), job.error
+    assert (settings.jobs_dir / job_id / "checkpoints" / "last.pt").is_file()
+    # The stopping worker may have fetched (and dropped) the message it re-sent: the
+    # reconciler sends queued jobs again once they are stale.
+    time.sleep(settings.requeue_after_seconds)
+    reconcile(settings=settings)
+    assert set(queued_messages(settings)) == {(RUN_JOB, (job_id,))}
+
+    start_worker("w2")
+    job = wait_for(settings, job_id, lambda j: j.state in ("succeeded", "failed"), tmp_path)
+    assert (job.state, job.attempt, job.step) == ("succeeded", 2, 30), job.error
+    with session_scope(settings.database_url) as session:
+        starts = session.scalars(
+            select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.type == "start")
+        ).all()
+        assert [(e.attempt, e.data["resumed"]) for e in starts] == [(1, False), (2, True)]

@@ -1,0 +1,155 @@
+"""prepare_dataset and check_model: pending resources become ready or failed with a reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from api.db.models import Dataset, Model
+from api.db.session import session_scope
+from api.settings import Settings
+from tid_core.models import DetectorMeta, build_detector, save_weights
+from worker.resources import check_model, prepare_dataset
+
+SHAPES = {"builtin": "shapes", "num_train": 3, "num_val": 2, "image_size": 64}
+
+
+def add(settings: Settings, row: Dataset | Model) -> str:
+    with session_scope(settings.database_url) as session:
+        session.add(row)
+        session.flush()
+        return row.id
+
+
+def read(settings: Settings, kind: type[Dataset] | type[Model], id_: str) -> Any:
+    with session_scope(settings.database_url) as session:
+        row = session.get_one(kind, id_)
+        session.expunge(row)
+        return row
+
+
+def add_dataset(settings: Settings, *, kind: str, path: Path, source: dict[str, Any]) -> str:
+    return add(settings, Dataset(owner="alice", name="d", kind=kind, source=source, path=str(path)))
+
+
+def add_model(settings: Settings, path: Path) -> str:
+    return add(settings, Model(owner="alice", name="m", path=str(path), sha256="0" * 64, bytes=1))
+
+
+def test_prepare_builtin_dataset_is_ready_with_counts(settings: Settings) -> None:
+    path = settings.datasets_dir / "shapes"
+    dataset_id = add_dataset(settings, kind="builtin", path=path, source=SHAPES)
+
+    prepare_dataset(dataset_id, settings=settings)
+
+    row = read(settings, Dataset, dataset_id)
+    assert (row.state, row.error, row.num_train, row.num_val) == ("ready", None, 3, 2)
+    assert row.class_names and all(isinstance(n, str) for n in row.class_names)
+    assert (path / "annotations" / "instances_train.json").is_file()
+
+
+def test_prepare_path_dataset_counts_and_fails_on_a_missing_image(settings: Settings) -> None:
+    builtin_id = add_dataset(
+        settings, kind="builtin", path=settings.datasets_dir / "a", source=SHAPES
+    )
+    prepare_dataset(builtin_id, settings=settings)
+    copy = settings.datasets_dir / "b"
+    shutil.copytree(settings.datasets_dir / "a", copy)
+    good = add_dataset(settings, kind="path", path=settings.datasets_dir / "a", source={})
+    next(iter((copy / "val").glob("*.png"))).unlink()
+    broken = add_dataset(settings, kind="upload", path=copy, source={})
+
+    prepare_dataset(good, settings=settings)
+    prepare_dataset(broken, settings=settings)
+
+    assert read(settings, Dataset, good).num_train == 3
+    row = read(settings, Dataset, broken)
+    assert row.state == "failed"
+    assert "1 val image(s) missing" in row.error
+
+
+def test_prepare_dataset_without_annotations_fails(settings: Settings, tmp_path: Path) -> None:
+    dataset_id = add_dataset(settings, kind="path", path=tmp_path, source={})
+
+    prepare_dataset(dataset_id, settings=settings)
+
+    row = read(settings, Dataset, dataset_id)
+    assert row.state == "failed"
+    assert "annotation file not found" in row.error
+
+
+def test_check_model_reads_metadata(settings: Settings, tmp_path: Path) -> None:
+    model = build_detector(arch="fcos", backbone="resnet18", num_classes=3, fpn_channels=64)
+    meta = DetectorMeta(
+        arch="fcos",
+        backbone="resnet18",
+        num_classes=3,
+        fpn_channels=64,
+        input_size=64,
+        class_names=["a", "b", "c"],
+    )
+    path = tmp_path / "teacher.safetensors"
+    save_weights(model, meta, path)
+    model_id = add_model(settings, path)
+
+    check_model(model_id, settings=settings)
+
+    row = read(settings, Model, model_id)
+    assert (row.state, row.error) == ("ready", None)
+    assert row.meta["backbone"] == "resnet18"
+    assert row.meta["class_names"] == ["a", "b", "c"]
+
+
+def test_check_model_without_metadata_fails(settings: Settings, tmp_path: Path) -> None:
+    path = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(2)}, path)
+    model_id = add_model(settings, path)
+
+    check_model(model_id, settings=settings)
+
+    row = read(settings, Model, model_id)
+    assert row.state == "failed"
+    assert "no tid metadata" in row.error
+
+
+class _Exploit:
+    """Unpickling this runs a shell command: the model check must never do it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_check_model_never_unpickles_code(settings: Settings, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": _Exploit(marker)}, path)
+    model_id = add_model(settings, path)
+
+    check_model(model_id, settings=settings)
+
+    row = read(settings, Model, model_id)
+    assert row.state == "failed"
+    assert "not a plain weights file" in row.error
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("state", ["ready", "failed"])
+def test_check_model_leaves_a_decided_model_alone(
+    settings: Settings, tmp_path: Path, state: str
+) -> None:
+    model_id = add(
+        settings,
+        Model(owner="a", name="m", path="/nope", sha256="0" * 64, bytes=1, state=state),
+    )
+
+    check_model(model_id, settings=settings)
+
+    assert read(settings, Model, model_id).state == state

@@ -1,0 +1,221 @@
+"""`runner.run_job` on real torchrun processes with tiny specs (no Celery)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from worker_support import MakeJob, queued_messages, read_job, tiny_spec
+
+from api.db import transitions
+from api.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric
+from api.db.session import session_scope
+from api.queue import RUN_JOB
+from api.settings import Settings
+from tid_core.events import read_events
+from worker import runner
+
+pytestmark = pytest.mark.slow
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def rows(settings: Settings, table: Any, job_id: str) -> list[Any]:
+    with session_scope(settings.database_url) as session:
+        return list(session.scalars(select(table).where(table.job_id == job_id).order_by(table.id)))
+
+
+def trainer_pgid(run_dir: Path) -> int:
+    """The trainer's process group: torchrun (its leader) is the only child of this test."""
+    log = (run_dir / "train.log").read_text()
+    assert log.startswith("--- attempt")
+    (child,) = Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()
+    return os.getpgid(int(child))
+
+
+def in_background(
+    settings: Settings, job_id: str, until: Any
+) -> tuple[threading.Thread, dict[str, int]]:
+    """Run `until(job_id)` in a thread once the trainer has taken a step; records its pgid."""
+    seen: dict[str, int] = {}
+
+    def act() -> None:
+        deadline = time.monotonic() + 120
+        while read_job(settings, job_id).step < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        seen["pgid"] = trainer_pgid(settings.jobs_dir / job_id)
+        until(job_id)
+
+    thread = threading.Thread(target=act, daemon=True)
+    thread.start()
+    return thread, seen
+
+
+def assert_group_gone(pgid: int) -> None:
+    with pytest.raises(ProcessLookupError):
+        os.killpg(pgid, 0)
+
+
+def test_run_job_succeeds_and_records_everything(settings: Settings, make_job: MakeJob) -> None:
+    job_id = make_job()
+
+    runner.run_job(job_id, settings=settings)
+
+    job = read_job(settings, job_id)
+    run_dir = settings.jobs_dir / job_id
+    assert job.state == "succeeded", (job.error, (run_dir / "train.log").read_text()[-2000:])
+    assert (job.attempt, job.step, job.total_steps, job.lease_owner) == (1, 2, 2, None)
+    assert (run_dir / "spec.json").is_file()
+    metric_names = {(m.step, m.name) for m in rows(settings, Metric, job_id)}
+    assert {(1, "loss"), (1, "lr"), (2, "loss"), (2, "lr"), (2, "eval/AP")} <= metric_names
+    (evaluation,) = rows(settings, Evaluation, job_id)
+    assert evaluation.backend == "faster-coco-eval"
+    assert job.best_ap == evaluation.ap
+    checkpoints = rows(settings, Checkpoint, job_id)
+    assert checkpoints
+    for ckpt in checkpoints:
+        assert ckpt.sha256 == sha256(run_dir / ckpt.path)
+        assert ckpt.bytes == (run_dir / ckpt.path).stat().st_size
+    artifacts = {a.name: a for a in rows(settings, Artifact, job_id)}
+    assert set(artifacts) == {"student.pt", "student.safetensors"}
+    for name, artifact in artifacts.items():
+        assert artifact.sha256 == sha256(run_dir / name)
+    states = [e.data["state"] for e in rows(settings, JobEvent, job_id) if e.type == "state"]
+    assert states == ["running", "succeeded"]
+    types = {e.type for e in rows(settings, JobEvent, job_id)}
+    assert {"start", "step", "eval", "checkpoint", "end"} <= types
+
+    before = len(rows(settings, JobEvent, job_id))
+    runner.run_job(job_id, settings=settings)  # a duplicate delivery
+    assert read_job(settings, job_id).state == "succeeded"
+    assert len(rows(settings, JobEvent, job_id)) == before
+
+
+def test_cancel_stops_the_trainer_group(settings: Settings, make_job: MakeJob) -> None:
+    spec = tiny_spec(dataset={"num_train": 200})  # 50 steps: plenty of time to cancel
+    job_id = make_job(spec=spec)
+
+    def cancel(job_id: str) -> None:
+        with session_scope(settings.database_url) as session:
+            assert transitions.request_cancel(session, job_id)
+
+    thread, seen = in_background(settings, job_id, cancel)
+    runner.run_job(job_id, settings=settings)
+    thread.join(timeout=10)
+
+    job = read_job(settings, job_id)
+    assert job.state == "cancelled", job.error
+    assert job.step < 50
+    assert_group_gone(seen["pgid"])
+    run_dir = settings.jobs_dir / job_id
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    checkpoints = rows(settings, Checkpoint, job_id)
+    assert checkpoints, "the interrupted trainer saved a checkpoint"
+    assert checkpoints[-1].sha256 == sha256(run_dir / checkpoints[-1].path)
+    assert "interrupted" in {e.type for e in rows(settings, JobEvent, job_id)}
+
+
+def test_lost_lease_stops_the_trainer_and_records_nothing(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    job_id = make_job(spec=tiny_spec(dataset={"num_train": 200}))
+
+    def take_over(job_id: str) -> None:
+        with session_scope(settings.database_url) as session:
+            session.execute(update(Job).where(Job.id == job_id).values(lease_owner="other-worker"))
+
+    thread, seen = in_background(settings, job_id, take_over)
+    runner.run_job(job_id, settings=settings)
+    thread.join(timeout=10)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.lease_owner, job.finished_at) == ("running", "other-worker", None)
+    assert_group_gone(seen["pgid"])
+
+
+def test_trainer_failure_is_recorded_with_its_error(settings: Settings, make_job: MakeJob) -> None:
+    never_ran = make_job(state="failed")
+    teacher = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64}
+    spec = tiny_spec(teacher={**teacher, "weights": {"job": never_ran}}, distill={"method": "tid"})
+    job_id = make_job(spec=spec)
+
+    runner.run_job(job_id, settings=settings)
+
+    job = read_job(settings, job_id)
+    missing = settings.jobs_dir / never_ran / "student.safetensors"
+    assert job.state == "failed"
+    assert job.error is not None and str(missing) in job.error
+    assert job.error.startswith("FileNotFoundError")
+
+
+def test_unresolvable_spec_fails_without_starting(settings: Settings, make_job: MakeJob) -> None:
+    job_id = make_job(spec={**tiny_spec(), "dataset": {"id": "nope"}})
+
+    runner.run_job(job_id, settings=settings)
+
+    job = read_job(settings, job_id)
+    assert job.state == "failed"
+    assert job.error == "cannot run this spec: dataset 'nope' not found"
+    assert not (settings.jobs_dir / job_id).exists()
+
+
+def test_shutdown_hands_the_job_back_with_a_checkpoint(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    job_id = make_job(spec=tiny_spec(dataset={"num_train": 200}))
+    shutdown = threading.Event()
+
+    thread, seen = in_background(settings, job_id, lambda _job_id: shutdown.set())
+    runner.run_job(job_id, settings=settings, shutdown=shutdown)
+    thread.join(timeout=10)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.attempt, job.lease_owner, job.error) == ("queued", 1, None, None)
+    assert queued_messages(settings) == [(RUN_JOB, (job_id,))]
+    assert_group_gone(seen["pgid"])
+    assert (settings.jobs_dir / job_id / "checkpoints" / "last.pt").is_file()
+    assert "interrupted" in {e.type for e in rows(settings, JobEvent, job_id)}
+
+
+def test_a_killed_worker_takes_its_trainer_with_it(settings: Settings, make_job: MakeJob) -> None:
+    """SIGKILL leaves no time to clean up: the trainer must still not outlive its worker."""
+    job_id = make_job(spec=tiny_spec(dataset={"num_train": 200}, schedule={"epochs": 5}))
+    code = "import sys; from api.settings import Settings; from worker.runner import run_job; "
+    code += "run_job(sys.argv[1], settings=Settings.model_validate_json(sys.argv[2]))"
+    worker = subprocess.Popen(
+        [sys.executable, "-c", code, job_id, settings.model_dump_json()],
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while read_job(settings, job_id).step < 1:
+            assert time.monotonic() < deadline and worker.poll() is None
+            time.sleep(0.2)
+        (child,) = Path(f"/proc/{worker.pid}/task/{worker.pid}/children").read_text().split()
+        pgid = os.getpgid(int(child))
+    finally:
+        worker.kill()
+        worker.wait()
+
+    deadline = time.monotonic() + 30  # a checkpoint's time, far less than the 250 steps left
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    assert_group_gone(pgid)
+    events = read_events(settings.jobs_dir / job_id / "events.jsonl")
+    assert events[-1]["type"] == "interrupted"  # stopped by the signal, not run to its end
+    assert read_job(settings, job_id).state == "running"  # the reconciler's to re-queue

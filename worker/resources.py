@@ -1,0 +1,107 @@
+"""Short worker tasks that make an uploaded or registered resource `ready` (they need torch).
+
+A dataset is `ready` once both splits parse as COCO and their images exist; an uploaded model
+once its weights load, without unpickling code, into the detector its own metadata describes.
+Either is `failed` with the reason otherwise. A resource that is no longer `pending` is left
+alone, so a duplicate message is a no-op.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, TypeVar
+
+from sqlalchemy import update
+
+from api.db.models import Dataset, Model
+from api.db.session import session_scope
+from api.settings import Settings
+from tid_core.data.coco import CocoDetection
+from tid_core.data.synthetic import generate_shapes
+from tid_core.models import load_student
+from tid_core.spec import BuiltinDataset
+
+log = logging.getLogger(__name__)
+
+Row = TypeVar("Row", Dataset, Model)
+
+
+def _pending(settings: Settings, kind: type[Row], id_: str) -> Row | None:
+    """The row if it still waits for this check, else None (gone, or already decided)."""
+    with session_scope(settings.database_url) as session:
+        row = session.get(kind, id_)
+    if row is None or row.state != "pending":
+        log.info("%s %s: nothing to do (%s)", kind.__name__, id_, row.state if row else "gone")
+        return None
+    return row
+
+
+def _decide(settings: Settings, kind: type[Row], id_: str, **values: Any) -> None:
+    """pending -> ready or failed, conditionally, like job transitions."""
+    with session_scope(settings.database_url) as session:
+        session.execute(
+            update(kind).where(kind.id == id_, kind.state == "pending").values(**values)
+        )
+    log.info("%s %s: %s %s", kind.__name__, id_, values["state"], values.get("error") or "")
+
+
+def _count_split(root: Path, split: str) -> CocoDetection:
+    ds = CocoDetection(root, split, train=False)
+    missing = [ds.image_path(i) for i in range(len(ds)) if not ds.image_path(i).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} {split} image(s) missing, e.g. {missing[0]}")
+    return ds
+
+
+def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
+    """Generate a builtin dataset, or check a registered/uploaded COCO folder; then count it.
+
+    A builtin dataset's `source` is the JobSpec form `{"builtin": "shapes", "num_train": ...}`.
+    """
+    row = _pending(settings, Dataset, dataset_id)
+    if row is None:
+        return
+    try:
+        root = Path(row.path)
+        if row.kind == "builtin":
+            shapes = BuiltinDataset.model_validate(row.source)
+            generate_shapes(
+                root,
+                num_train=shapes.num_train,
+                num_val=shapes.num_val,
+                image_size=shapes.image_size,
+                seed=shapes.seed,
+            )
+        train, val = _count_split(root, "train"), _count_split(root, "val")
+        if train.class_names != val.class_names:
+            raise ValueError(
+                f"train and val name different classes: {train.class_names} vs {val.class_names}"
+            )
+    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+        _decide(settings, Dataset, dataset_id, state="failed", error=str(exc))
+        return
+    _decide(
+        settings,
+        Dataset,
+        dataset_id,
+        state="ready",
+        error=None,
+        num_train=len(train),
+        num_val=len(val),
+        class_names=train.class_names,
+    )
+
+
+def check_model(model_id: str, *, settings: Settings) -> None:
+    """Load uploaded weights safely and strictly into the detector their metadata declares."""
+    row = _pending(settings, Model, model_id)
+    if row is None:
+        return
+    try:
+        _, meta = load_student(Path(row.path))
+    except (OSError, ValueError) as exc:  # WeightsMismatchError is a ValueError
+        _decide(settings, Model, model_id, state="failed", error=str(exc))
+        return
+    _decide(settings, Model, model_id, state="ready", error=None, meta=dataclasses.asdict(meta))

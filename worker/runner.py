@@ -1,0 +1,290 @@
+"""Run one job: claim it, start torchrun in its own process group, supervise it, record the end.
+
+Plain functions on a job id and the settings, so tests run them without Celery. While the
+trainer runs, the worker ingests its events, renews the lease and watches for a cancel; the
+trainer's process group never outlives the call. A worker that loses its lease stops at once
+and records nothing more: the reconciler owns the job then.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import desc, select
+from sqlalchemy.exc import OperationalError
+
+from api.db import transitions
+from api.db.models import Job, JobEvent, utcnow
+from api.db.session import session_scope
+from api.queue import RUN_JOB, send
+from api.settings import Settings
+from worker.ingest import ingest_events
+from worker.resolve import resolve_spec
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.5
+LOG_TAIL_LINES = 20
+GROUP_EXIT_SECONDS = 5.0  # how long SIGKILLed processes get to disappear
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+# Looked up before any fork: the child may only make the call itself.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
+def _die_with_worker() -> None:
+    """Runs in the trainer's process before exec: a worker that dies without cleaning up
+    (SIGKILL, OOM) sends it SIGTERM, so no orphan trains beside the job's next attempt."""
+    if _prctl is not None:
+        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def worker_name(settings: Settings) -> str:
+    """The lease owner's name: unique per worker process unless the settings name it."""
+    return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One attempt of one job on this worker."""
+
+    job_id: str
+    attempt: int
+    worker: str
+    run_dir: Path
+    settings: Settings
+
+
+def run_job(job_id: str, *, settings: Settings, shutdown: threading.Event | None = None) -> None:
+    """Claim and run `job_id` to a final state; a job that is not queued is left alone.
+
+    `shutdown` set (this worker is going away) stops the trainer, which checkpoints, and hands
+    the job back to the queue so that another worker resumes it.
+    """
+    shutdown = shutdown or threading.Event()
+    worker = worker_name(settings)
+    with session_scope(settings.database_url) as session:
+        if not transitions.claim(
+            session, job_id, worker=worker, lease_seconds=settings.lease_seconds
+        ):
+            log.info("job %s: nothing to claim (taken by another delivery, or final)", job_id)
+            return
+        attempt = session.get_one(Job, job_id).attempt
+    run = _Run(job_id, attempt, worker, settings.jobs_dir / job_id, settings)
+    try:
+        with session_scope(settings.database_url) as session:
+            spec = resolve_spec(session, session.get_one(Job, job_id), settings)
+    except ValueError as exc:  # ResolveError and pydantic's ValidationError
+        _finish(run, "failed", f"cannot run this spec: {exc}")
+        return
+    log.info("job %s: attempt %d on %s", job_id, run.attempt, worker)
+    if shutdown.is_set():
+        requeue_for_shutdown(job_id, settings=settings, worker=worker)
+        return
+    try:
+        proc = _start(run, spec)
+    except OSError as exc:
+        _finish(run, "failed", f"cannot start the trainer: {exc}")
+        return
+    try:
+        stop = _supervise(run, proc, shutdown)
+    finally:
+        _kill_group(proc)
+    _conclude(run, proc.returncode, stop)
+
+
+def _start(run: _Run, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+    """torchrun in a new session (its own process group), output appended to train.log."""
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    spec_path = run.run_dir / "spec.json"
+    tmp = spec_path.with_name("spec.json.tmp")
+    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.replace(spec_path)
+    nproc = int(spec["resources"]["nproc_per_node"])
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tid_core.train",
+        "--spec",
+        str(spec_path),
+        "--run-dir",
+        str(run.run_dir),
+    ]
+    with (run.run_dir / "train.log").open("ab") as out:
+        out.write(f"--- attempt {run.attempt} on {run.worker} at {utcnow():%FT%TZ}\n".encode())
+        out.flush()
+        return subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_worker,  # one libc call: safe after fork
+        )
+
+
+def _sync(run: _Run, *, renew: bool) -> tuple[bool, bool]:
+    """One database round: check (and renew) the lease, ingest new events, read the cancel flag.
+
+    Returns (lease still held, cancel requested). Events are ingested only under the lease.
+    """
+    with session_scope(run.settings.database_url) as session:
+        state, owner, cancel = session.execute(
+            select(Job.state, Job.lease_owner, Job.cancel_requested).where(Job.id == run.job_id)
+        ).one()
+        held = state == "running" and owner == run.worker
+        if held and renew:
+            held = transitions.renew_lease(
+                session, run.job_id, worker=run.worker, lease_seconds=run.settings.lease_seconds
+            )
+        if not held:
+            return False, False
+        ingest_events(session, run.job_id, run_dir=run.run_dir, attempt=run.attempt)
+        return True, bool(cancel)
+
+
+def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+
+
+def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: threading.Event) -> str | None:
+    """Poll until the trainer exits; returns why we stopped it (cancel, shutdown, lease_lost)."""
+    stop: str | None = None
+    kill_at = math.inf
+    next_renew = 0.0
+    while proc.poll() is None:
+        now = time.monotonic()
+        if stop != "lease_lost":
+            try:
+                held, cancel = _sync(run, renew=now >= next_renew)
+            except OperationalError as exc:  # keep training through a database blip
+                log.warning("job %s: database unavailable, will retry: %s", run.job_id, exc)
+            else:
+                if now >= next_renew:
+                    next_renew = now + run.settings.lease_seconds / 3
+                if not held:
+                    log.warning("job %s: lease lost; stopping the trainer", run.job_id)
+                    stop = "lease_lost"
+                elif cancel and stop is None:
+                    log.info("job %s: cancel requested", run.job_id)
+                    stop = "cancel"
+        if shutdown.is_set() and stop is None:
+            log.info("job %s: worker shutting down; stopping the trainer", run.job_id)
+            stop = "shutdown"
+        if stop is not None and kill_at == math.inf:
+            _signal_group(proc, signal.SIGTERM)
+            kill_at = now + run.settings.cancel_grace_seconds
+        elif now >= kill_at:
+            log.warning("job %s: trainer ignored SIGTERM; killing it", run.job_id)
+            _signal_group(proc, signal.SIGKILL)
+            kill_at = now + run.settings.cancel_grace_seconds
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=POLL_SECONDS)
+    return stop
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """Nothing of the trainer outlives its supervisor (torchrun's workers included)."""
+    _signal_group(proc, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + GROUP_EXIT_SECONDS
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    log.warning("process group %d still has members after SIGKILL", proc.pid)
+
+
+def _conclude(run: _Run, returncode: int, stop: str | None) -> None:
+    """Ingest the last events and record the outcome the exit code and our stop reason give."""
+    if stop == "lease_lost" or not _sync(run, renew=True)[0]:
+        log.warning("job %s: not recording an outcome: the lease is gone", run.job_id)
+        return
+    if returncode == 0:
+        _finish(run, "succeeded")
+    elif stop == "cancel":
+        _finish(run, "cancelled")
+    elif stop == "shutdown":
+        requeue_for_shutdown(run.job_id, settings=run.settings, worker=run.worker)
+    else:
+        _finish(run, "failed", _failure_reason(run, returncode))
+
+
+def _finish(run: _Run, state: str, error: str | None = None) -> None:
+    with session_scope(run.settings.database_url) as session:
+        done = transitions.finish(session, run.job_id, worker=run.worker, state=state, error=error)
+    if done:
+        log.info("job %s: %s%s", run.job_id, state, f" ({error})" if error else "")
+    else:
+        log.warning("job %s: could not record %s: no longer ours", run.job_id, state)
+
+
+def _failure_reason(run: _Run, returncode: int) -> str:
+    """The trainer's `error` event of this attempt, else the end of train.log."""
+    with session_scope(run.settings.database_url) as session:
+        data = session.scalar(
+            select(JobEvent.data)
+            .where(
+                JobEvent.job_id == run.job_id,
+                JobEvent.attempt == run.attempt,
+                JobEvent.type == "error",
+            )
+            .order_by(desc(JobEvent.id))
+            .limit(1)
+        )
+    if data and data.get("message"):
+        return f"{data.get('kind', 'Error')}: {data['message']}"
+    tail = _log_tail(run.run_dir / "train.log")
+    return f"trainer exited with code {returncode}; last lines of train.log:\n{tail}"
+
+
+def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, path.stat().st_size - 64 * 1024))
+            text = f.read().decode(errors="replace")
+    except OSError as exc:
+        return f"(no train.log: {exc})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def requeue_for_shutdown(job_id: str, *, settings: Settings, worker: str) -> bool:
+    """Hand a running job of this worker back to the queue (its trainer has stopped), and send
+    it again so another worker resumes it from its last checkpoint. False if no longer ours."""
+    with session_scope(settings.database_url) as session:
+        done = transitions.transition(
+            session,
+            job_id,
+            from_="running",
+            to="queued",
+            where=Job.lease_owner == worker,
+            lease_owner=None,
+            lease_expires=None,
+            queued_at=utcnow(),
+        )
+    if done:
+        log.info("job %s: back in the queue for another worker", job_id)
+        send(settings, RUN_JOB, job_id)
+    return done

@@ -1,0 +1,57 @@
+"""Celery tasks: thin wrappers that pass ids to `worker.runner` and `worker.resources`.
+
+Each task re-reads its row and acts only if the row still asks for it, so a duplicate delivery
+is a no-op. Only transient database errors are retried (with backoff); anything else is a bug
+or a decided failure already written to the database.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import OperationalError
+
+from api.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB
+from api.settings import get_settings
+from worker import resources, runner
+from worker.celery_app import app, shutdown_event
+
+log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _task(name: str) -> Callable[[F], F]:
+    """`app.task` with retries for transient database errors (typed: celery has no stubs)."""
+    decorator: Callable[[F], F] = app.task(
+        name=name,
+        autoretry_for=(OperationalError,),
+        retry_backoff=2,
+        retry_backoff_max=60,
+        retry_jitter=True,
+        max_retries=8,
+    )
+    return decorator
+
+
+@_task(RUN_JOB)
+def run_job(job_id: str) -> None:
+    with shutdown_event() as shutdown:
+        if shutdown.is_set():
+            # A message that reaches a worker on its way out is dropped unclaimed: the job
+            # stays queued and the reconciler sends it again. (Rejecting it with requeue
+            # makes a solo-pool worker fetch it back in a tight loop until it is killed.)
+            log.warning("job %s: not starting, this worker is shutting down", job_id)
+            return
+        runner.run_job(job_id, settings=get_settings(), shutdown=shutdown)
+
+
+@_task(PREPARE_DATASET)
+def prepare_dataset(dataset_id: str) -> None:
+    resources.prepare_dataset(dataset_id, settings=get_settings())
+
+
+@_task(CHECK_MODEL)
+def check_model(model_id: str) -> None:
+    resources.check_model(model_id, settings=get_settings())
