@@ -21,12 +21,11 @@ class ApiError(RuntimeError):
     def __init__(self, response: httpx.Response) -> None:
         try:
             body = response.json()
-            detail = body.get("detail") or body.get("title") or response.text
-            errors = body.get("errors")
-            if errors:
-                detail = f"{detail}: " + "; ".join(
-                    f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}" for e in errors
-                )
+            errors = "; ".join(
+                f"{'.'.join(map(str, e.get('loc', [])))}: {e.get('msg')}"
+                for e in body.get("errors") or []
+            )
+            detail = body.get("detail") or errors or body.get("title") or response.text
         except ValueError:
             detail = response.text
         super().__init__(f"{response.status_code} {detail}")

@@ -24,42 +24,25 @@ from typing import Any
 
 from api.client import ApiError, Client
 from api.settings import get_settings
-
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def _schedule(epochs: int) -> dict[str, Any]:
-    return {
-        "epochs": epochs,
-        "batch_size": 8,
-        "optimizer": "adamw",
-        "lr": 0.002,
-        "weight_decay": 0.05,
-        "warmup_iters": 100,
-        "lr_milestones": [epochs - 1] if epochs > 2 else [],
-        "eval_every": 0,
-        "log_every": 20,
-        "seed": 0,
-    }
+from tid_core import recipes
 
 
 def job_specs(dataset_id: str, *, quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher spec, and a student spec template (method and teacher filled in later)."""
-    t_epochs, s_epochs = (1, 1) if quick else (6, 3)
-    resources = {"nproc_per_node": 1, "num_workers": 1}
-    dataset = {"id": dataset_id, "input_size": 128}
+    t_epochs, s_epochs = recipes.epochs(quick=quick)
+    dataset = {"id": dataset_id, "input_size": recipes.IMAGE_SIZE}
     teacher = {
         "name": "demo-teacher",
-        "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 256},
+        "student": recipes.TEACHER,
         "dataset": dataset,
-        "schedule": _schedule(t_epochs),
-        "resources": resources,
+        "schedule": recipes.schedule(t_epochs),
+        "resources": recipes.RESOURCES,
     }
     student = {
-        "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 128},
+        "student": recipes.STUDENT,
         "dataset": dataset,
-        "schedule": _schedule(s_epochs),
-        "resources": resources,
+        "schedule": recipes.schedule(s_epochs),
+        "resources": recipes.RESOURCES,
     }
     return teacher, student
 
@@ -121,7 +104,7 @@ def _wait_ready(client: Client, procs: list[subprocess.Popen[bytes]], logs: Path
 
 
 def _dataset(client: Client, *, quick: bool) -> str:
-    n_train, n_val = (64, 16) if quick else (1024, 200)
+    n_train, n_val = recipes.dataset_size(quick=quick)
     name = f"demo-shapes-{n_train}"
     for ds in client.request("GET", "/v1/datasets")["data"]:
         if ds["name"] == name and ds["state"] == "ready":
@@ -131,7 +114,7 @@ def _dataset(client: Client, *, quick: bool) -> str:
         "builtin": "shapes",
         "num_train": n_train,
         "num_val": n_val,
-        "image_size": 128,
+        "image_size": recipes.IMAGE_SIZE,
         "seed": 0,
     }
     ds = client.create_dataset(body)
@@ -167,15 +150,13 @@ def _run(client: Client, label: str, spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _table(client: Client, jobs: dict[str, dict[str, Any]]) -> str:
-    header = f"{'job':<10}" + "".join(f"{m:>8}" for m in METRICS)
-    lines = [header, "-" * len(header)]
+    """The mAP table from each job's last evaluation, as the API reports it."""
+    names = dict(zip(("ap", "ap50", "ap75", "aps", "apm", "apl"), recipes.METRICS, strict=True))
+    rows = {}
     for label, job in jobs.items():
-        evaluations = client.metrics(job["id"])["evaluations"]
-        last = evaluations[-1]
-        keys = ("ap", "ap50", "ap75", "aps", "apm", "apl")
-        cells = "".join(f"{last[k]:>8.1f}" if last[k] is not None else f"{'-':>8}" for k in keys)
-        lines.append(f"{label:<10}{cells}")
-    return "\n".join(lines)
+        last = client.metrics(job["id"])["evaluations"][-1]
+        rows[label] = {names[k]: last[k] for k in names}
+    return recipes.format_table(rows)
 
 
 def run_demo(*, quick: bool, port: int) -> int:

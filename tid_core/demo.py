@@ -17,55 +17,36 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tid_core import recipes
 from tid_core.checkpoint import sha256_file
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def _schedule(epochs: int, lr_milestones: list[int]) -> dict[str, Any]:
-    return {
-        "epochs": epochs,
-        "batch_size": 8,
-        "optimizer": "adamw",
-        "lr": 0.002,
-        "weight_decay": 0.05,
-        "warmup_iters": 100,
-        "lr_milestones": lr_milestones,
-        "eval_every": 0,
-        "log_every": 20,
-        "seed": 0,
-    }
-
 
 def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, dict[str, Any]]:
     """The demo's jobs, by name: the teacher first, then one student per method."""
-    t_epochs, s_epochs = (1, 1) if quick else (6, 3)
-    dataset = {"path": str(data), "input_size": 128}
-    teacher_model = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 256}
-    student_model = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 128}
-    resources = {"nproc_per_node": 1, "num_workers": 1}
+    t_epochs, s_epochs = recipes.epochs(quick=quick)
+    dataset = {"path": str(data), "input_size": recipes.IMAGE_SIZE}
     specs: dict[str, dict[str, Any]] = {
         "teacher": {
             "name": "demo-teacher",
-            "student": teacher_model,
+            "student": recipes.TEACHER,
             "dataset": dataset,
-            "schedule": _schedule(t_epochs, [t_epochs - 1] if t_epochs > 2 else []),
-            "resources": resources,
+            "schedule": recipes.schedule(t_epochs),
+            "resources": recipes.RESOURCES,
         }
     }
     for method in ("none", "fitnet", "tid"):
         spec: dict[str, Any] = {
             "name": f"demo-student-{method}",
-            "student": student_model,
+            "student": recipes.STUDENT,
             "dataset": dataset,
             "distill": {"method": method},
-            "schedule": _schedule(s_epochs, [s_epochs - 1] if s_epochs > 2 else []),
-            "resources": resources,
+            "schedule": recipes.schedule(s_epochs),
+            "resources": recipes.RESOURCES,
         }
         if method != "none":
-            spec["teacher"] = {**teacher_model, "weights": {"path": str(teacher_weights)}}
+            spec["teacher"] = {**recipes.TEACHER, "weights": {"path": str(teacher_weights)}}
         specs[method] = spec
     return specs
 
@@ -132,25 +113,14 @@ def _print_progress(name: str, events_file: Path, seen: int, started: float) -> 
     return len(events)
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> str:
-    header = f"{'job':<10}" + "".join(f"{m:>8}" for m in METRICS) + f"{'time s':>9}"
-    lines = [header, "-" * len(header)]
-    for name, res in results.items():
-        m = res["metrics"]
-        cells = "".join(f"{m[k]:>8.1f}" if m[k] is not None else f"{'-':>8}" for k in METRICS)
-        secs = f"{res['seconds']:>9.0f}" if res["seconds"] is not None else f"{'cached':>9}"
-        lines.append(f"{name:<10}{cells}{secs}")
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--out", type=Path, default=Path("var/demo"), help="work folder")
     parser.add_argument("--quick", action="store_true", help="tiny budget (a smoke test)")
     args = parser.parse_args(argv)
-    n_train, n_val = (64, 16) if args.quick else (1024, 200)
+    n_train, n_val = recipes.dataset_size(quick=args.quick)
     data = args.out / f"data-{n_train}"
-    generate_shapes(data, num_train=n_train, num_val=n_val, image_size=128, seed=0)
+    generate_shapes(data, num_train=n_train, num_val=n_val, image_size=recipes.IMAGE_SIZE, seed=0)
     teacher_weights = args.out / "teacher" / "student.safetensors"
     specs = job_specs(data, teacher_weights, quick=args.quick)
     results: dict[str, dict[str, Any]] = {}
@@ -158,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = {"teacher": sha256_file(teacher_weights)} if "teacher" in spec else {}
         results[name] = run_job(name, spec, args.out / name, inputs=inputs)
     print("\nCOCO mAP on the synthetic val split (percent):\n")
-    print(format_table(results))
+    rows = {name: {**r["metrics"], "time s": r["seconds"]} for name, r in results.items()}
+    print(recipes.format_table(rows, extra="time s"))
     print(f"\nStudent weights: {args.out}/tid/student.safetensors (tid_core.models.load_student)")
     return 0
 

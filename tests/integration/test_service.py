@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -116,3 +119,36 @@ def test_two_workers_two_jobs_each_claimed_once(stack: Any) -> None:
         events = client.http.get(f"/v1/jobs/{job_id}/events").text
         assert events.count("event: state") >= 2
         assert events.count('"state": "running"') + events.count('"state":"running"') == 1
+
+
+def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
+    stack.start_worker("worker")
+    dataset_id = make_dataset(stack.client)
+    spec = tmp_path / "spec.json"
+    spec.write_text(
+        json.dumps(tiny_spec(dataset_id, "cli", schedule={"epochs": 1, "batch_size": 8}))
+    )
+    env = {**stack.env, "TID_URL": stack.client.url}
+    env["TID_API_KEY"] = stack.client.http.headers["Authorization"].removeprefix("Bearer ")
+
+    def tid(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "api.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    submitted = tid("submit", str(spec), "--wait")
+    assert submitted.returncode == 0, submitted.stderr + stack.log("worker")
+    job_id = submitted.stdout.strip()
+    assert "succeeded" in submitted.stderr  # progress lines go to stderr
+    status = json.loads(tid("status", job_id).stdout)
+    assert status["state"] == "succeeded" and status["step"] == 2
+    out = tmp_path / "w.safetensors"
+    downloaded = tid("download", job_id, "-o", str(out))
+    assert downloaded.returncode == 0, downloaded.stderr
+    assert hashlib.sha256(out.read_bytes()).hexdigest() in downloaded.stdout
+    bad = tid("status", "0" * 32)
+    assert bad.returncode == 1 and "404" in bad.stderr
