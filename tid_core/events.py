@@ -32,7 +32,12 @@ class EventWriter:
     """Appends events to `path`; a writer with `path=None` drops them (non-main ranks)."""
 
     def __init__(self, path: Path | None) -> None:
-        self._file: TextIO | None = path.open("a", encoding="utf-8") if path else None
+        self._file: TextIO | None = None
+        if path is not None:
+            torn = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
+            self._file = path.open("a", encoding="utf-8")
+            if torn:  # a killed run left half a line: end it so our first event stays whole
+                self._file.write("\n")
 
     def emit(self, type_: str, *, step: int, durable: bool = False, **fields: Any) -> None:
         if type_ not in EVENT_TYPES:
@@ -51,10 +56,22 @@ class EventWriter:
             self._file = None
 
 
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
 def read_events(path: Path) -> list[dict[str, Any]]:
     """All complete events of a file (a trailing partial line is ignored)."""
     if not path.exists():
         return []
     text = path.read_text(encoding="utf-8")
     lines = text.split("\n")
-    return [json.loads(line) for line in lines[:-1] if line.strip()]
+    events = []
+    for line in lines[:-1]:
+        try:
+            events.append(json.loads(line))
+        except ValueError:  # the torn tail of a killed run
+            continue
+    return events

@@ -81,6 +81,17 @@ class _Batch:
             )
         )
 
+    def add_whole(self, event: dict[str, Any]) -> bool:
+        """`add` all of the event or nothing of it; False when its fields have the wrong shape."""
+        saved = (len(self.rows), dict(self.values), self.best_ap, set(self.artifacts))
+        try:
+            self.add(event)
+        except (KeyError, TypeError, ValueError, AttributeError):
+            del self.rows[saved[0] :]
+            self.values, self.best_ap, self.artifacts = saved[1], saved[2], saved[3]
+            return False
+        return True
+
     def add(self, event: dict[str, Any]) -> None:
         kind, step = event["type"], int(event.get("step", 0))
         if kind in ("start", "step") and event.get("total_steps") is not None:
@@ -170,7 +181,9 @@ def ingest_events(session: Session, job_id: str, *, run_dir: Path, attempt: int)
         if not isinstance(event, dict) or not isinstance(event.get("type"), str):
             log.warning("job %s: skipping a malformed event line %r", job_id, line[:200])
             continue
-        batch.add(event)
+        if not batch.add_whole(event):  # a line of the wrong shape must not stall the job
+            log.warning("job %s: skipping an event of the wrong shape %r", job_id, line[:200])
+            continue
         count += 1
     moved = session.execute(
         update(Job)

@@ -172,16 +172,22 @@ def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: threading.Eve
     stop: str | None = None
     kill_at = math.inf
     next_renew = 0.0
+    renewed_at = time.monotonic()  # the lease was fresh when the job was claimed
     while proc.poll() is None:
         now = time.monotonic()
         if stop != "lease_lost":
             try:
-                held, cancel = _sync(run, renew=now >= next_renew)
-            except OperationalError as exc:  # keep training through a database blip
+                renew = now >= next_renew
+                held, cancel = _sync(run, renew=renew)
+            except OperationalError as exc:  # keep training through a database blip...
                 log.warning("job %s: database unavailable, will retry: %s", run.job_id, exc)
+                if now - renewed_at >= run.settings.lease_seconds:  # ...but not past the lease:
+                    log.warning("job %s: lease expired while the database was away", run.job_id)
+                    stop = "lease_lost"  # the reconciler may already have re-queued the job
             else:
-                if now >= next_renew:
+                if renew:
                     next_renew = now + run.settings.lease_seconds / 3
+                    renewed_at = now if held else renewed_at
                 if not held:
                     log.warning("job %s: lease lost; stopping the trainer", run.job_id)
                     stop = "lease_lost"
@@ -191,7 +197,10 @@ def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: threading.Eve
         if shutdown.is_set() and stop is None:
             log.info("job %s: worker shutting down; stopping the trainer", run.job_id)
             stop = "shutdown"
-        if stop is not None and kill_at == math.inf:
+        if stop == "lease_lost":
+            # another attempt may own the run dir now: no checkpoint, no more events from us
+            _signal_group(proc, signal.SIGKILL)
+        elif stop is not None and kill_at == math.inf:
             _signal_group(proc, signal.SIGTERM)
             kill_at = now + run.settings.cancel_grace_seconds
         elif now >= kill_at:

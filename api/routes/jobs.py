@@ -152,7 +152,10 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         at, job_id = raw.split("|", 1)
-        return datetime.fromisoformat(at), job_id
+        when = datetime.fromisoformat(at)
+        if when.tzinfo is None:  # cursors we issue always carry the UTC offset
+            raise ValueError("cursor time without a timezone")
+        return when, job_id
     except ValueError as exc:  # bad base64, bad UTF-8, no separator or a bad time
         raise Unprocessable("invalid cursor", loc=("query", "cursor")) from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from tid_core.engine import (
     lr_factor,
     train_one_epoch,
 )
+from tid_core.events import EventWriter, read_events
 
 # ---- schedules ----------------------------------------------------------------------------------
 
@@ -162,3 +164,13 @@ def test_train_one_epoch_reports_stop_requested_before_a_step() -> None:
     second = next(steps)
     assert second.step == 2
     assert second.stop is True
+
+
+def test_event_writer_ends_a_torn_line_before_appending(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"type": "step", "step": 1}\n{"type": "eval", "ste')  # killed mid-write
+    writer = EventWriter(path)
+    writer.emit("start", step=1)
+    writer.close()
+    events = read_events(path)
+    assert [e["type"] for e in events] == ["step", "start"]  # the new run's first event is whole

@@ -161,3 +161,22 @@ def test_ingest_rolled_back_is_ingested_again(settings: Settings, make_job: Make
 
     assert ingest(settings, job_id, run_dir) == 2
     assert count(settings, Metric, job_id) == 4
+
+
+def test_ingest_skips_an_event_of_the_wrong_shape_and_goes_on(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    job_id = running_job(settings, make_job)
+    run_dir = settings.jobs_dir / job_id
+    bad = {"type": "checkpoint", "step": 1, "path": "checkpoints/last.pt"}  # no sha256/bytes/epoch
+    good = {"type": "step", "step": 2, "total_steps": 4, "lr": 0.1, "losses": {"loss": 1.5}}
+    write_events(run_dir, [bad, good])
+
+    assert ingest(settings, job_id, run_dir) == 1
+    job = read_job(settings, job_id)
+    assert job.events_offset == (run_dir / "events.jsonl").stat().st_size  # not stuck on it
+    assert job.step == 2
+    with session_scope(settings.database_url) as session:
+        assert session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id)).all() == []
+        names = {m.name for m in session.scalars(select(Metric).where(Metric.job_id == job_id))}
+    assert names == {"loss", "lr"}

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from sqlalchemy import select, update
+from sqlalchemy.exc import OperationalError
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
 
 from api.db import transitions
@@ -142,6 +143,33 @@ def test_lost_lease_stops_the_trainer_and_records_nothing(
     job = read_job(settings, job_id)
     assert (job.state, job.lease_owner, job.finished_at) == ("running", "other-worker", None)
     assert_group_gone(seen["pgid"])
+    # killed, not asked to checkpoint: the new owner's run dir gets nothing more from it
+    events = read_events(settings.jobs_dir / job_id / "events.jsonl")
+    assert "interrupted" not in {e["type"] for e in events}
+
+
+def test_database_outage_longer_than_the_lease_stops_the_trainer(
+    settings: Settings, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = make_job(spec=tiny_spec(dataset={"num_train": 800}))  # far longer than the lease
+    real_sync = runner._sync
+    outage = threading.Event()
+
+    def flaky_sync(run: Any, *, renew: bool) -> tuple[bool, bool]:
+        if outage.is_set():
+            raise OperationalError("SELECT 1", {}, Exception("database down"))
+        return real_sync(run, renew=renew)
+
+    monkeypatch.setattr(runner, "_sync", flaky_sync)
+    thread, seen = in_background(settings, job_id, lambda _job_id: outage.set())
+    runner.run_job(job_id, settings=settings)  # returns once the lease would have expired
+    thread.join(timeout=10)
+
+    assert_group_gone(seen["pgid"])  # the trainer does not run on beside a second attempt
+    job = read_job(settings, job_id)
+    assert (job.state, job.finished_at) == ("running", None)  # the reconciler decides now
+    events = read_events(settings.jobs_dir / job_id / "events.jsonl")
+    assert "end" not in {e["type"] for e in events}  # stopped, not left to train to the end
 
 
 def test_trainer_failure_is_recorded_with_its_error(settings: Settings, make_job: MakeJob) -> None:

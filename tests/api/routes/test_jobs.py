@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 from datetime import timedelta
@@ -374,3 +375,11 @@ def test_cancel_final_job_is_409(
     job = make_job(db, owner="alice", state="succeeded")
     response = client.post(f"/v1/jobs/{job.id}/cancel", headers=owner_headers)
     assert_problem(response, 409, "already succeeded")
+
+
+def test_list_jobs_cursor_without_timezone_is_422(
+    client: TestClient, owner_headers: dict[str, str]
+) -> None:
+    naive = base64.urlsafe_b64encode(b"2024-01-01T00:00:00|x").decode().rstrip("=")
+    response = client.get("/v1/jobs", params={"cursor": naive}, headers=owner_headers)
+    assert_problem(response, 422, "invalid cursor")
