@@ -46,13 +46,6 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
-    out = values.detach().clone()
-    if is_distributed():
-        dist.all_reduce(out, op=dist.ReduceOp.MAX)
-    return out
-
-
 def gather_to_main(obj: Any) -> list[Any]:
     """Every rank's object on rank 0 (an empty list elsewhere)."""
     if not is_distributed():

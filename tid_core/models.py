@@ -27,6 +27,8 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from tid_core.spec import ARCHS
+
 STRIDES = (8, 16, 32, 64, 128)
 WEIGHTS_FORMAT = "tid-detector-v1"
 
@@ -57,7 +59,6 @@ BACKBONES: dict[str, _BackboneDef] = {
         _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960]
     ),
 }
-ARCHS = ("fcos", "retinanet")
 
 
 class WeightsMismatchError(ValueError):

@@ -29,7 +29,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
-RESOURCE_STATES = ("pending", "ready", "failed")  # datasets and uploaded models
 
 
 def new_id() -> str:
