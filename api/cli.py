@@ -68,16 +68,22 @@ def reconcile(
     loop: Annotated[bool, typer.Option(help="repeat every TID_RECONCILE_SECONDS")] = False,
 ) -> None:
     """Re-queue jobs whose worker was lost and re-send queued jobs nobody picked up."""
+    import logging
     import time
 
+    from api.db.session import TRANSIENT_ERRORS
     from worker.reconcile import reconcile as reconcile_once
 
     settings = get_settings()
+    if not loop:
+        typer.echo(json.dumps(reconcile_once(settings=settings)))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     while True:
-        counts = reconcile_once(settings=settings)
-        if not loop:
-            typer.echo(json.dumps(counts))
-            return
+        try:
+            reconcile_once(settings=settings)
+        except TRANSIENT_ERRORS as exc:  # the database is restarting: the next pass catches up
+            logging.getLogger("tid.reconcile").warning("database unavailable: %s", exc)
         time.sleep(settings.reconcile_seconds)
 
 

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.db.session import TRANSIENT_ERRORS
+
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
@@ -133,6 +135,17 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(status=422, detail=detail, instance=request.url.path, errors=errors)
 
 
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database is down or restarting: a retryable 503, not a 500 that looks like a bug."""
+    log.warning("database unavailable on %s %s: %s", request.method, request.url.path, exc)
+    return problem_response(
+        status=503,
+        detail="the database is unavailable; retry shortly",
+        instance=request.url.path,
+        headers={"Retry-After": "5"},
+    )
+
+
 async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     """A bug or an outage: log the traceback, tell the client only that it failed."""
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
@@ -145,4 +158,6 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(ProblemError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    for transient in TRANSIENT_ERRORS:
+        app.add_exception_handler(transient, _database_unavailable)
     app.add_exception_handler(Exception, _unexpected_error)

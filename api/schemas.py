@@ -24,6 +24,7 @@ class JobPublic(_Public):
     state: str
     method: str
     attempt: int
+    handbacks: int  # attempts handed back by a deploy: not counted against max_attempts
     max_attempts: int
     step: int
     total_steps: int | None

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     reconcile_seconds: float = Field(default=10.0, gt=0, le=3600)
     requeue_after_seconds: float = Field(default=60.0, gt=0, le=86400)
     cancel_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
+    # how long a worker keeps retrying the write of a finished job's outcome while the
+    # database is away, before it leaves the job to its lease (and the reconciler)
+    db_retry_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_attempts: int = Field(default=3, ge=1, le=100)
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)

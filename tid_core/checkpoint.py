@@ -19,12 +19,18 @@ import torch
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> int:
-    """torch.save `obj` to `path` atomically; returns the file size in bytes."""
+    """torch.save `obj` to `path` atomically; returns the file size in bytes. A failed write
+    (disk full, unwritable folder) raises OSError and leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with tmp.open("wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except RuntimeError as exc:  # torch's writer hides the file's own error (ENOSPC...)
+                if isinstance(exc.__context__, OSError):
+                    raise exc.__context__ from exc
+                raise
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)

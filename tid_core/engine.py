@@ -45,11 +45,22 @@ def distill_ramp(step: int, *, loss_weight: float, warmup_iters: int) -> float:
     return loss_weight * min(1.0, step / warmup_iters)
 
 
+class StopRequested(Exception):
+    """SIGTERM/SIGINT arrived during evaluation: the evaluation is abandoned (all ranks agree)."""
+
+
 class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop stops at the next step boundary (all ranks agree)."""
+    """Set by SIGTERM/SIGINT; training stops at the next step boundary and evaluation at the
+    next batch (all ranks agree). A signal during a checkpoint write only sets the flag, so the
+    write always completes."""
 
     def __init__(self) -> None:
         self.requested = False
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank once any rank saw the signal (one tiny collective)."""
+        local = torch.tensor([float(self.requested)], device=device)
+        return bool(dist.all_reduce_mean(local).item() > 0)
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -150,16 +161,21 @@ def evaluate(
     device: torch.device,
     cat_ids: list[int],
     amp: bool,
+    stop: StopFlag | None = None,
 ) -> list[dict[str, Any]] | None:
     """COCO result dicts for the whole val set on the main process (None on other ranks).
 
     Each rank predicts its shard; the main process merges them, dropping the duplicates that
-    the distributed sampler pads with.
+    the distributed sampler pads with. Raises StopRequested when `stop` is set before a batch
+    or after the last one: a cancelled job must not first sit through a long evaluation.
     """
     was_training = detector.training
     detector.eval()
     results: dict[int, list[dict[str, Any]]] = {}
     for batch in loader:
+        if stop is not None and stop.agreed(device):
+            detector.train(was_training)
+            raise StopRequested("stopped during evaluation")
         images, targets = _to_device(batch, device)
         with autocast(device, amp):
             outputs = detector(images)
@@ -167,6 +183,8 @@ def evaluate(
         for image_id, out in zip(ids, outputs, strict=True):
             results[image_id] = detections_to_coco([out], [image_id], cat_ids)
     detector.train(was_training)
+    if stop is not None and stop.agreed(device):
+        raise StopRequested("stopped during evaluation")
     gathered = dist.gather_to_main(results)
     if not dist.is_main_process():
         return None

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-EVENT_TYPES = ("start", "step", "eval", "checkpoint", "end", "error", "interrupted")
+EVENT_TYPES = ("start", "phase", "step", "eval", "checkpoint", "end", "error", "interrupted")
 
 
 def _finite(value: Any) -> Any:

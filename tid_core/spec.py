@@ -166,9 +166,13 @@ class ScheduleSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
+    """Where and how the job runs. `max_attempts` caps the attempts the service starts (lost
+    workers and retryable crashes count; deploy hand-backs do not); None = the server default."""
+
     nproc_per_node: int = Field(default=1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(default=2, ge=0, le=64)
+    max_attempts: int | None = Field(default=None, ge=1, le=20)
 
 
 class JobSpec(_Strict):

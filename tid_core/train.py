@@ -4,13 +4,15 @@ Reads top to bottom like torchvision's reference script: spec -> distributed ini
 models -> optimizer -> resume -> epoch loop -> export. Only rank 0 writes files. Into DIR:
 `events.jsonl`, `checkpoints/last.pt` (+ one immutable file per epoch), `student.pt`,
 `student.safetensors`, `metrics.json`. Re-running on the same DIR resumes from `last.pt`.
-Exit codes: 0 done, 1 failed (an `error` event says why), 143 stopped by SIGTERM/SIGINT after
-saving a checkpoint (an `interrupted` event).
+Exit codes: 0 done, 1 failed (an `error` event says why; `retryable` tells whether another
+attempt may succeed), 143 stopped by SIGTERM/SIGINT (an `interrupted` event; the checkpoint it
+resumes from is on disk), 75 another trainer still held the run dir (nothing was written).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -41,6 +44,7 @@ from tid_core.distill.tid import TIDLoss
 from tid_core.engine import (
     NonFiniteLossError,
     StopFlag,
+    StopRequested,
     distill_ramp,
     evaluate,
     lr_factor,
@@ -49,10 +53,18 @@ from tid_core.engine import (
 from tid_core.evaluate import DEFAULT_BACKEND, coco_metrics
 from tid_core.events import EventWriter
 from tid_core.models import DetectorMeta, build_detector, load_checked, save_weights
+from tid_core.rundir import RunDirLocked, lock_run_dir
 from tid_core.spec import BuiltinDataset, DistillSpec, IdDataset, JobSpec, PathWeights
 
 log = logging.getLogger("tid_core.train")
 EXIT_INTERRUPTED = 143
+EXIT_RUN_DIR_BUSY = 75  # EX_TEMPFAIL
+# failures another attempt may not repeat: a lost peer or network, not a bug or bad input
+RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    torch.distributed.DistError,
+    ConnectionError,
+    TimeoutError,
+)
 KEEP_EPOCH_CHECKPOINTS = 2
 
 
@@ -60,6 +72,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train a detector, optionally with distillation.")
     parser.add_argument("--spec", type=Path, required=True, help="JobSpec JSON file")
     parser.add_argument("--run-dir", type=Path, required=True, help="output (and resume) folder")
+    parser.add_argument(
+        "--lock-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for an earlier trainer of the same run dir to exit",
+    )
     return parser
 
 
@@ -142,13 +160,20 @@ def pick_device(choice: str) -> torch.device:
     return torch.device("cuda", dist.local_rank())
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, run dir not writable); the previous one
+    is intact because writes are atomic."""
+
+
 @dataclass
 class Progress:
-    """Where the schedule stands: `epoch` is the current one, `batch` batches of it are done."""
+    """Where the schedule stands: `epoch` is the current one, `batch` batches of it are done;
+    `eval_due` says the evaluation of the epoch just finished has not completed yet."""
 
     epoch: int = 0
     batch: int = 0
     step: int = 0
+    eval_due: bool = False
 
 
 class Run:
@@ -241,11 +266,19 @@ class Run:
                 "scheduler": self.scheduler.state_dict(),
                 "scaler": self.scaler.state_dict(),
                 "rng": rng_state(),
-                "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step},
+                "progress": dataclasses.asdict(p),
                 "spec_hash": self.spec_hash,
             }
             last = self.ckpt_dir / "last.pt"
-            size = save_atomic(state, last)
+            try:
+                size = save_atomic(state, last)
+            except OSError as exc:
+                raise CheckpointWriteError(
+                    exc.errno,
+                    f"cannot write checkpoint {last} at step {p.step}: "
+                    f"{exc.strerror or exc} (disk full or run dir not writable?); "
+                    "the previous checkpoint is kept",
+                ) from exc
             path = last
             if epoch_end:  # an immutable copy per epoch (a hard link: no extra bytes until
                 path = self.ckpt_dir / f"epoch_{p.epoch:04d}.pt"  # last.pt is replaced)
@@ -267,7 +300,6 @@ class Run:
     # --- loop --------------------------------------------------------------------------------
 
     def run(self, stop: StopFlag) -> int:
-        s, d = self.spec.schedule, self.spec.distill
         resumed = self.resume()
         self.events.emit(
             "start",
@@ -289,9 +321,32 @@ class Run:
             self.progress.step,
             self.total_steps,
         )
+        try:
+            metrics = self._train(stop)
+        except StopRequested:
+            self.events.emit(
+                "interrupted", step=self.progress.step, epoch=self.progress.epoch, durable=True
+            )
+            return EXIT_INTERRUPTED
+        if metrics is None:
+            return EXIT_INTERRUPTED
+        self.events.emit("phase", step=self.progress.step, phase="export")
+        self.export(metrics)
+        return 0
+
+    def _train(self, stop: StopFlag) -> dict[str, Any] | None:
+        """Epochs with their evaluations; the final metrics, or None when stopped mid-epoch
+        (after a checkpoint). Raises StopRequested when stopped during an evaluation."""
+        s, d = self.spec.schedule, self.spec.distill
+        p = self.progress
         metrics: dict[str, Any] | None = None
-        while self.progress.epoch < s.epochs:
-            p = self.progress
+        while True:
+            if p.eval_due:  # also after a resume from an epoch-end checkpoint
+                metrics = self.evaluate(stop)
+                p.eval_due = False
+            if p.epoch >= s.epochs:
+                break
+            self.events.emit("phase", step=p.step, phase="train", epoch=p.epoch)
             self.train_loader.sampler.set_epoch(p.epoch, start_batch=p.batch)  # type: ignore[attr-defined]
             for result in train_one_epoch(
                 self.model,
@@ -322,26 +377,25 @@ class Run:
                 if result.stop:
                     self.save_checkpoint(epoch_end=False)
                     self.events.emit("interrupted", step=p.step, epoch=p.epoch, durable=True)
-                    return EXIT_INTERRUPTED
+                    return None
                 if s.checkpoint_every and result.step % s.checkpoint_every == 0:
                     self.save_checkpoint(epoch_end=False)
             p.epoch, p.batch = p.epoch + 1, 0
+            p.eval_due = p.epoch == s.epochs or bool(s.eval_every and p.epoch % s.eval_every == 0)
             self.save_checkpoint(epoch_end=True)
-            last = p.epoch == s.epochs
-            if last or (s.eval_every and p.epoch % s.eval_every == 0):
-                metrics = self.evaluate()
-        if metrics is None:  # resumed after the last epoch's checkpoint, before its eval
-            metrics = self.evaluate()
-        self.export(metrics)
-        return 0
+        if metrics is None:  # resumed after the last evaluation, before the export
+            metrics = self.evaluate(stop)
+        return metrics
 
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, stop: StopFlag) -> dict[str, Any]:
+        self.events.emit("phase", step=self.progress.step, phase="eval", epoch=self.progress.epoch)
         preds = evaluate(
             self.distiller.student,
             self.val_loader,
             device=self.device,
             cat_ids=self.val_ds.cat_ids,
             amp=self.amp,
+            stop=stop,
         )
         metrics: dict[str, Any] = {}
         if preds is not None:
@@ -392,7 +446,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     stop = StopFlag()
     stop.install()
-    args.run_dir.mkdir(parents=True, exist_ok=True)
+    lock = None
+    if os.environ.get("RANK", "0") == "0":  # the one process that writes into the run dir
+        try:
+            lock = lock_run_dir(args.run_dir, timeout=args.lock_timeout)
+        except RunDirLocked as exc:
+            log.error("%s", exc)
+            return EXIT_RUN_DIR_BUSY
     events = None
     try:
         spec = JobSpec.model_validate_json(args.spec.read_text())
@@ -413,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
                 durable=True,
                 message=str(exc),
                 kind=type(exc).__name__,
+                retryable=isinstance(exc, RETRYABLE_ERRORS),
                 traceback=traceback.format_exc(limit=8),
             )
         return 1
@@ -420,6 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         if events is not None:
             events.close()
         dist.cleanup()
+        if lock is not None:
+            lock.close()
 
 
 if __name__ == "__main__":

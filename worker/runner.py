@@ -19,25 +19,28 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import desc, select
-from sqlalchemy.exc import OperationalError
 
 from api.db import transitions
 from api.db.models import Job, JobEvent, utcnow
-from api.db.session import session_scope
-from api.queue import RUN_JOB, send
+from api.db.session import TRANSIENT_ERRORS, session_scope
+from api.dispatch import enqueue
+from api.queue import RUN_JOB
 from api.settings import Settings
 from worker.ingest import ingest_events
 from worker.resolve import resolve_spec
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 POLL_SECONDS = 0.5
+SHUTDOWN_REASON = "handed back: the worker is shutting down"
 LOG_TAIL_LINES = 20
 GROUP_EXIT_SECONDS = 5.0  # how long SIGKILLed processes get to disappear
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -92,7 +95,7 @@ def run_job(job_id: str, *, settings: Settings, shutdown: threading.Event | None
         return
     log.info("job %s: attempt %d on %s", job_id, run.attempt, worker)
     if shutdown.is_set():
-        requeue_for_shutdown(job_id, settings=settings, worker=worker)
+        requeue(job_id, settings=settings, worker=worker, reason=SHUTDOWN_REASON, handback=True)
         return
     try:
         proc = _start(run, spec)
@@ -179,7 +182,7 @@ def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: threading.Eve
             try:
                 renew = now >= next_renew
                 held, cancel = _sync(run, renew=renew)
-            except OperationalError as exc:  # keep training through a database blip...
+            except TRANSIENT_ERRORS as exc:  # keep training through a database blip...
                 log.warning("job %s: database unavailable, will retry: %s", run.job_id, exc)
                 if now - renewed_at >= run.settings.lease_seconds:  # ...but not past the lease:
                     log.warning("job %s: lease expired while the database was away", run.job_id)
@@ -226,9 +229,27 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     log.warning("process group %d still has members after SIGKILL", proc.pid)
 
 
+def _retrying(run: _Run, what: str, call: Callable[[], T]) -> T:
+    """`call()` until the database answers (a restart takes seconds), for at most
+    `db_retry_seconds`: the outcome of hours of training is worth waiting for."""
+    deadline = time.monotonic() + run.settings.db_retry_seconds
+    delay = 0.5
+    while True:
+        try:
+            return call()
+        except TRANSIENT_ERRORS as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("job %s: database unavailable %s; retrying: %s", run.job_id, what, exc)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
 def _conclude(run: _Run, returncode: int, stop: str | None) -> None:
     """Ingest the last events and record the outcome the exit code and our stop reason give."""
-    if stop == "lease_lost" or not _sync(run, renew=True)[0]:
+    if stop == "lease_lost" or not _retrying(
+        run, "ingesting the last events", lambda: _sync(run, renew=True)[0]
+    ):
         log.warning("job %s: not recording an outcome: the lease is gone", run.job_id)
         return
     if returncode == 0:
@@ -236,22 +257,43 @@ def _conclude(run: _Run, returncode: int, stop: str | None) -> None:
     elif stop == "cancel":
         _finish(run, "cancelled")
     elif stop == "shutdown":
-        requeue_for_shutdown(run.job_id, settings=run.settings, worker=run.worker)
+        _requeue(run, SHUTDOWN_REASON, handback=True)
     else:
-        _finish(run, "failed", _failure_reason(run, returncode))
+        _fail_or_retry(run, returncode)
 
 
 def _finish(run: _Run, state: str, error: str | None = None) -> None:
-    with session_scope(run.settings.database_url) as session:
-        done = transitions.finish(session, run.job_id, worker=run.worker, state=state, error=error)
-    if done:
+    def write() -> bool:
+        with session_scope(run.settings.database_url) as session:
+            return transitions.finish(
+                session, run.job_id, worker=run.worker, state=state, error=error
+            )
+
+    if _retrying(run, f"recording {state}", write):
         log.info("job %s: %s%s", run.job_id, state, f" ({error})" if error else "")
     else:
         log.warning("job %s: could not record %s: no longer ours", run.job_id, state)
 
 
-def _failure_reason(run: _Run, returncode: int) -> str:
-    """The trainer's `error` event of this attempt, else the end of train.log."""
+def _fail_or_retry(run: _Run, returncode: int) -> None:
+    """A crashed trainer: retried while attempts are left if the failure may not repeat,
+    else failed with the trainer's own error (or the end of its log)."""
+    reason, retryable = _retrying(run, "reading the error", lambda: _failure(run, returncode))
+    with session_scope(run.settings.database_url) as session:
+        job = session.get_one(Job, run.job_id)
+        left, used = transitions.attempts_left(job), job.attempt - job.handbacks
+    if not retryable:
+        _finish(run, "failed", reason)
+    elif left > 0:
+        _requeue(run, f"retrying ({left} attempt(s) left) after: {reason}")
+    else:
+        _finish(run, "failed", f"{reason}\n(attempt {used} of {job.max_attempts}: none left)")
+
+
+def _failure(run: _Run, returncode: int) -> tuple[str, bool]:
+    """Why the trainer failed and whether another attempt may succeed: its `error` event of
+    this attempt says both; without one it died from outside (a signal, the OOM killer, a
+    busy run dir), which is worth another attempt."""
     with session_scope(run.settings.database_url) as session:
         data = session.scalar(
             select(JobEvent.data)
@@ -264,9 +306,9 @@ def _failure_reason(run: _Run, returncode: int) -> str:
             .limit(1)
         )
     if data and data.get("message"):
-        return f"{data.get('kind', 'Error')}: {data['message']}"
+        return f"{data.get('kind', 'Error')}: {data['message']}", bool(data.get("retryable"))
     tail = _log_tail(run.run_dir / "train.log")
-    return f"trainer exited with code {returncode}; last lines of train.log:\n{tail}"
+    return f"trainer exited with code {returncode}; last lines of train.log:\n{tail}", True
 
 
 def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -279,21 +321,21 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def requeue_for_shutdown(job_id: str, *, settings: Settings, worker: str) -> bool:
-    """Hand a running job of this worker back to the queue (its trainer has stopped), and send
-    it again so another worker resumes it from its last checkpoint. False if no longer ours."""
+def _requeue(run: _Run, reason: str, *, handback: bool = False) -> bool:
+    return requeue(
+        run.job_id, settings=run.settings, worker=run.worker, reason=reason, handback=handback
+    )
+
+
+def requeue(
+    job_id: str, *, settings: Settings, worker: str, reason: str, handback: bool = False
+) -> bool:
+    """Put a running job of this worker (its trainer has stopped) back in the queue and send
+    it again, so that a worker resumes it from its last checkpoint. False if no longer ours.
+    A lost message is re-sent by the reconciler, as the job stays queued."""
     with session_scope(settings.database_url) as session:
-        done = transitions.transition(
-            session,
-            job_id,
-            from_="running",
-            to="queued",
-            where=Job.lease_owner == worker,
-            lease_owner=None,
-            lease_expires=None,
-            queued_at=utcnow(),
-        )
+        done = transitions.requeue(session, job_id, worker=worker, reason=reason, handback=handback)
     if done:
-        log.info("job %s: back in the queue for another worker", job_id)
-        send(settings, RUN_JOB, job_id)
+        log.info("job %s: back in the queue (%s)", job_id, reason)
+        enqueue(settings, RUN_JOB, job_id)
     return done

@@ -11,8 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from sqlalchemy.exc import OperationalError
-
+from api.db.session import TRANSIENT_ERRORS
 from api.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB
 from api.settings import get_settings
 from worker import resources, runner
@@ -26,7 +25,7 @@ def _task(name: str) -> Callable[[F], F]:
     """`app.task` with retries for transient database errors (typed: celery has no stubs)."""
     decorator: Callable[[F], F] = app.task(
         name=name,
-        autoretry_for=(OperationalError,),
+        autoretry_for=TRANSIENT_ERRORS,
         retry_backoff=2,
         retry_backoff_max=60,
         retry_jitter=True,

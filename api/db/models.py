@@ -84,7 +84,10 @@ class Job(Base):
     spec: Mapped[dict[str, Any]]  # as submitted (validated JobSpec, ids unresolved)
     method: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16), default="queued", index=True)
-    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)  # attempts started
+    # attempts a deploy handed back (the trainer checkpointed and stopped on request): they
+    # are not failures, so `attempt - handbacks` is what max_attempts caps
+    handbacks: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)

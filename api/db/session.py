@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+# The database is down, restarting or unreachable: worth retrying, unlike a bug or a bad row.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError)
 
 
 @lru_cache(maxsize=8)

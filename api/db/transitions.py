@@ -23,11 +23,13 @@ def transition(
     from_: str | tuple[str, ...],
     to: str,
     where: Any = None,
+    reason: str | None = None,
     **values: Any,
 ) -> bool:
     """Move `job_id` from one of `from_` to `to` (setting `values`) if it is still there.
 
-    Records a `state` event when it applies. `where` adds a condition (e.g. the lease owner).
+    Records a `state` event when it applies, with the `error` or `reason` (why a job went back
+    to the queue). `where` adds a condition (e.g. the lease owner).
     """
     sources = (from_,) if isinstance(from_, str) else from_
     if any(s in FINAL_STATES for s in sources):
@@ -39,7 +41,11 @@ def transition(
     applied = isinstance(result, CursorResult) and result.rowcount == 1
     if applied:
         attempt = session.scalar(select(Job.attempt).where(Job.id == job_id)) or 0
-        data = {"state": to, **({"error": values["error"]} if values.get("error") else {})}
+        data: dict[str, Any] = {"state": to}
+        if values.get("error"):
+            data["error"] = values["error"]
+        if reason:
+            data["reason"] = reason
         session.add(JobEvent(job_id=job_id, attempt=attempt, type="state", data=data))
     return applied
 
@@ -88,6 +94,31 @@ def finish(
     )
 
 
+def requeue(
+    session: Session, job_id: str, *, worker: str, reason: str, handback: bool = False
+) -> bool:
+    """running -> queued for the lease holder: a deploy hand-back (`handback`, not counted
+    against max_attempts) or a retry after a retryable failure."""
+    extra = {"handbacks": Job.handbacks + 1} if handback else {}
+    return transition(
+        session,
+        job_id,
+        from_="running",
+        to="queued",
+        where=Job.lease_owner == worker,
+        reason=reason,
+        lease_owner=None,
+        lease_expires=None,
+        queued_at=utcnow(),
+        **extra,
+    )
+
+
+def attempts_left(job: Job) -> int:
+    """How many more attempts may start: hand-backs are not failures and do not count."""
+    return job.max_attempts - (job.attempt - job.handbacks)
+
+
 def request_cancel(session: Session, job_id: str) -> bool:
     """Flag a job for cancelling; a queued job is cancelled at once. False if already final."""
     if transition(
@@ -118,8 +149,9 @@ def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
             session, job.id, from_="running", to="cancelled", where=lost, finished_at=now
         )
         return "cancelled" if done else None
-    if job.attempt >= job.max_attempts:
-        error = f"worker lost (lease expired) on attempt {job.attempt} of {job.max_attempts}"
+    lost_how = f"worker {job.lease_owner} lost (lease expired)"
+    if attempts_left(job) <= 0:
+        error = f"{lost_how} on attempt {job.attempt - job.handbacks} of {job.max_attempts}"
         done = transition(
             session, job.id, from_="running", to="failed", where=lost, error=error, finished_at=now
         )
@@ -130,6 +162,7 @@ def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
         from_="running",
         to="queued",
         where=lost,
+        reason=lost_how,
         lease_owner=None,
         lease_expires=None,
         queued_at=now,

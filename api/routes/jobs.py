@@ -99,7 +99,7 @@ def _create_job(
         name=spec.name,
         spec=checked_spec(session, settings, spec, owner=owner).model_dump(mode="json"),
         method=spec.distill.method,
-        max_attempts=settings.max_attempts,
+        max_attempts=spec.resources.max_attempts or settings.max_attempts,
     )
     session.add(job)
     session.flush()

@@ -6,10 +6,12 @@ import hashlib
 import json
 import math
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ import torch
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 from tid_core.models import DetectorMeta, build_detector, load_student, save_weights
+from tid_core.rundir import lock_run_dir
 
 pytestmark = pytest.mark.slow
 NUM_CLASSES = 5
@@ -222,3 +225,89 @@ def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: P
     error = read_events(run_dir / "events.jsonl")[-1]
     assert error["type"] == "error" and error["kind"] == "WeightsMismatchError"
     assert "num_classes=3" in error["message"] and "num_classes=5" in error["message"]
+
+
+def wait_for_event(
+    proc: subprocess.Popen[str], events_file: Path, match: Callable[[dict[str, Any]], bool]
+) -> list[dict[str, Any]]:
+    """Poll the events file until an event matches; returns the events up to that one."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        events = read_events(events_file)
+        for i, event in enumerate(events):
+            if match(event):
+                return events[: i + 1]
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.01)
+    pytest.fail(f"no matching event in {events_file}")
+
+
+def test_a_trainer_waits_for_the_run_dir_and_gives_up_with_75_writing_nothing(
+    tmp_path: Path, dataset: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    held = lock_run_dir(run_dir, timeout=0)  # an earlier attempt still running
+    try:
+        cmd = [*train_cmd(write_spec(tmp_path, dataset), run_dir), "--lock-timeout", "1"]
+        proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert f"{run_dir} is still in use by another trainer (pid {os.getpid()})" in proc.stderr
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_sigterm_during_evaluation_abandons_it_and_the_rerun_evaluates_first(
+    tmp_path: Path, dataset: Path
+) -> None:
+    # batch 1: 16 steps per epoch and 6 evaluation batches, each a point where the stop lands
+    spec = write_spec(tmp_path, dataset, schedule={"batch_size": 1})
+    run_dir = tmp_path / "run"
+    events_file = run_dir / "events.jsonl"
+    proc = subprocess.Popen(
+        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    wait_for_event(proc, events_file, lambda e: e["type"] == "phase" and e["phase"] == "eval")
+    proc.send_signal(signal.SIGSTOP)  # hold it inside the evaluation while the signal arrives
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGCONT)
+    assert proc.wait(timeout=60) == 143
+
+    first = read_events(events_file)
+    assert [e["type"] for e in first[-3:]] == ["checkpoint", "phase", "interrupted"]
+    assert first[-3]["path"] == "checkpoints/epoch_0001.pt" and first[-3]["step"] == 16
+    assert "eval" not in {e["type"] for e in first}  # abandoned, not finished first
+
+    again = run_train(spec, run_dir)
+    assert again.returncode == 0, again.stderr[-3000:]
+    second = read_events(events_file)[len(first) :]
+    assert second[0]["type"] == "start" and second[0]["resumed"] is True
+    assert [e["epoch"] for e in second if e["type"] == "eval"] == [1, 2]
+    assert second[2]["type"] == "eval"  # the missed evaluation comes before any training
+    assert next(e["step"] for e in second if e["type"] == "step") == 17
+
+
+def test_checkpoint_write_failure_fails_clearly_and_keeps_the_previous_checkpoint(
+    tmp_path: Path, dataset: Path
+) -> None:
+    spec = write_spec(tmp_path, dataset, schedule={"eval_every": 0})
+    run_dir = tmp_path / "run"
+    events_file = run_dir / "events.jsonl"
+    proc = subprocess.Popen(
+        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    (*_, saved) = wait_for_event(proc, events_file, lambda e: e["type"] == "checkpoint")
+    # from now on every write past 1 MB fails (EFBIG), as a full disk fails with ENOSPC
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    assert proc.wait(timeout=120) == 1
+
+    error = read_events(events_file)[-1]
+    assert error["type"] == "error" and error["kind"] == "CheckpointWriteError"
+    assert error["retryable"] is False
+    last = run_dir / "checkpoints" / "last.pt"
+    assert error["message"] == (
+        f"[Errno 27] cannot write checkpoint {last} at step 8: File too large "
+        "(disk full or run dir not writable?); the previous checkpoint is kept"
+    )
+    assert sha256(last) == saved["sha256"]  # the epoch-1 checkpoint, untouched
+    assert not list(last.parent.glob(".*.tmp.*"))  # no half-written file left behind

@@ -47,8 +47,19 @@ def test_expired_lease_out_of_attempts_fails_with_reason(
     assert counts["failed"] == 1
     job = read_job(settings, job_id)
     assert job.state == "failed"
-    assert job.error == "worker lost (lease expired) on attempt 3 of 3"
+    assert job.error == "worker dead-worker lost (lease expired) on attempt 3 of 3"
     assert queued_messages(settings) == []
+
+
+def test_deploy_hand_backs_do_not_count_against_max_attempts(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    job_id = lost_job(make_job, attempt=4, handbacks=2)  # two failures, two deploys
+
+    counts = reconcile(settings=settings)
+
+    assert counts["requeued"] == 1
+    assert read_job(settings, job_id).state == "queued"
 
 
 def test_expired_lease_with_a_pending_cancel_is_cancelled(
