@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
+import sys
 from typing import Any
 
 import torch
@@ -63,3 +66,21 @@ def barrier() -> None:
 def cleanup() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, exit when the launcher dies without stopping us (SIGKILL, OOM).
+
+    torchrun starts each worker in a session of its own, so killing the launcher's process
+    group does not reach the workers: without this they would train on as orphans beside the
+    job's next attempt. A launcher that is merely stopped forwards SIGTERM itself first.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or sys.platform != "linux":
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the call took effect
+        os._exit(1)

@@ -190,6 +190,9 @@ class Run:
 
     def setup(self) -> None:
         spec, s = self.spec, self.spec.schedule
+        if dist.is_main_process():  # a killed writer's leftovers (we hold the run dir's lock)
+            for stale in self.ckpt_dir.glob(".*.tmp.*"):
+                stale.unlink()
         torch.manual_seed(s.seed)
         root = resolve_dataset(spec, self.run_dir)
         input_size = spec.dataset.input_size
@@ -444,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         format=f"%(asctime)s rank{os.environ.get('RANK', '0')} %(levelname)s %(message)s",
         stream=sys.stderr,
     )
+    dist.die_with_launcher()
     stop = StopFlag()
     stop.install()
     lock = None

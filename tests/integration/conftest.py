@@ -66,11 +66,12 @@ class Stack:
     logs: Path
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
+        """`tid ARGS...` as process `name`; `env` overrides the stack's environment."""
         out = (self.logs / f"{name}.log").open("ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "api.cli", *args],
-            env=self.env,
+            env={**self.env, **env},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -95,46 +96,63 @@ class Stack:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
 
 
+TIMINGS = {  # short, so lost workers and lost messages are noticed within seconds
+    "TID_LEASE_SECONDS": "5",
+    "TID_RECONCILE_SECONDS": "1",
+    "TID_REQUEUE_AFTER_SECONDS": "5",
+    "TID_CANCEL_GRACE_SECONDS": "5",
+}
+
+
+@contextlib.contextmanager
+def running_stack(
+    tmp_path: Path, *, database_url: str = "", broker_url: str = "", **env_overrides: str
+) -> Iterator[Stack]:
+    """Migrate the database, make a key for `alice`, start the API and the reconciler (workers
+    are the test's to start), and stop every process at the end."""
+    env = {
+        **os.environ,
+        "TID_DATA_ROOT": str(tmp_path / "data"),
+        "TID_QUEUE": f"tid-{uuid.uuid4().hex[:8]}",
+        **TIMINGS,
+        "OMP_NUM_THREADS": "1",
+        **({"TID_DATABASE_URL": database_url} if database_url else {}),
+        **({"TID_BROKER_URL": broker_url} if broker_url else {}),
+        **env_overrides,
+    }
+    settings = Settings(
+        **{k.removeprefix("TID_").lower(): v for k, v in env.items() if k.startswith("TID_")}
+    )
+    upgrade(settings.database_url)
+    with session_scope(settings.database_url) as session:
+        key = create_key(session, owner="alice")
+    port = _free_port()
+    logs = tmp_path / "logs"
+    logs.mkdir(exist_ok=True)
+    client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
+    stack = Stack(settings, env, client, logs)
+    try:
+        stack.start("api", "serve", "--port", str(port))
+        stack.start("reconciler", "reconcile", "--loop")
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(Exception):
+                if client.http.get("/readyz").status_code == 200:
+                    break
+            assert time.monotonic() < deadline, stack.log("api")
+            time.sleep(0.3)
+        yield stack
+    finally:
+        for name in list(stack.procs):
+            stack.stop(name)
+
+
 @pytest.fixture(params=BACKENDS)
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
-    backend = request.param
     with contextlib.ExitStack() as exits:
-        env = {
-            **os.environ,
-            "TID_DATA_ROOT": str(tmp_path / "data"),
-            "TID_QUEUE": f"tid-{uuid.uuid4().hex[:8]}",
-            "TID_LEASE_SECONDS": "5",
-            "TID_RECONCILE_SECONDS": "1",
-            "TID_REQUEUE_AFTER_SECONDS": "5",
-            "TID_CANCEL_GRACE_SECONDS": "5",
-            "OMP_NUM_THREADS": "1",
-        }
-        if backend == "postgres-redis":
+        urls = {}
+        if request.param == "postgres-redis":
             assert REDIS
-            env["TID_DATABASE_URL"] = exits.enter_context(_postgres_database())
-            env["TID_BROKER_URL"] = f"{REDIS.rstrip('/')}/{int(uuid.uuid4().int % 15) + 1}"
-        settings = Settings(
-            **{k.removeprefix("TID_").lower(): v for k, v in env.items() if k.startswith("TID_")}
-        )
-        upgrade(settings.database_url)
-        with session_scope(settings.database_url) as session:
-            key = create_key(session, owner="alice")
-        port = _free_port()
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        client = Client(f"http://127.0.0.1:{port}", key, timeout=30)
-        stack = Stack(settings, env, client, logs)
-        try:
-            stack.start("api", "serve", "--port", str(port))
-            stack.start("reconciler", "reconcile", "--loop")
-            deadline = time.monotonic() + 60
-            while True:
-                with contextlib.suppress(Exception):
-                    if client.http.get("/readyz").status_code == 200:
-                        break
-                assert time.monotonic() < deadline, stack.log("api")
-                time.sleep(0.3)
-            yield stack
-        finally:
-            for name in list(stack.procs):
-                stack.stop(name)
+            urls["database_url"] = exits.enter_context(_postgres_database())
+            urls["broker_url"] = f"{REDIS.rstrip('/')}/{int(uuid.uuid4().int % 15) + 1}"
+        yield exits.enter_context(running_stack(tmp_path, **urls))

@@ -11,37 +11,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from service_jobs import make_dataset, tiny_spec
 
-from api.client import Client
 from tid_core.models import load_student
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-
-
-def tiny_spec(dataset_id: str, name: str, **overrides: Any) -> dict[str, Any]:
-    spec: dict[str, Any] = {
-        "name": name,
-        "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
-        "dataset": {"id": dataset_id, "input_size": 64},
-        "schedule": {"epochs": 2, "batch_size": 4, "warmup_iters": 2, "log_every": 1},
-        "resources": {"num_workers": 0, "device": "cpu"},
-    }
-    spec.update(overrides)
-    return spec
-
-
-def make_dataset(client: Client) -> str:
-    body = {"name": "tiny", "builtin": "shapes", "num_train": 16, "num_val": 4, "image_size": 64}
-    ds = client.create_dataset(body)
-    ds = client.wait(
-        lambda: client.dataset(ds["id"]),
-        done=lambda d: d["state"] != "pending",
-        timeout=120,
-        interval=0.3,
-    )
-    assert ds["state"] == "ready", ds
-    assert (ds["num_train"], ds["num_val"]) == (16, 4)
-    return str(ds["id"])
 
 
 def run_dir(stack: Any, job_id: str) -> Path:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from processes import trainer_processes
 from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
@@ -63,9 +64,14 @@ def in_background(
     return thread, seen
 
 
-def assert_group_gone(pgid: int) -> None:
+def assert_trainer_gone(pgid: int, run_dir: Path) -> None:
+    """torchrun's group is gone, and so are its workers, which live in sessions of their own."""
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)
+    deadline = time.monotonic() + 10
+    while trainer_processes(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert trainer_processes(run_dir) == {}, "a trainer process outlived its supervisor"
 
 
 def test_run_job_succeeds_and_records_everything(settings: Settings, make_job: MakeJob) -> None:
@@ -118,7 +124,7 @@ def test_cancel_stops_the_trainer_group(settings: Settings, make_job: MakeJob) -
     job = read_job(settings, job_id)
     assert job.state == "cancelled", job.error
     assert job.step < 50
-    assert_group_gone(seen["pgid"])
+    assert_trainer_gone(seen["pgid"], settings.jobs_dir / job_id)
     run_dir = settings.jobs_dir / job_id
     assert (run_dir / "checkpoints" / "last.pt").is_file()
     checkpoints = rows(settings, Checkpoint, job_id)
@@ -142,7 +148,7 @@ def test_lost_lease_stops_the_trainer_and_records_nothing(
 
     job = read_job(settings, job_id)
     assert (job.state, job.lease_owner, job.finished_at) == ("running", "other-worker", None)
-    assert_group_gone(seen["pgid"])
+    assert_trainer_gone(seen["pgid"], settings.jobs_dir / job_id)
     # killed, not asked to checkpoint: the new owner's run dir gets nothing more from it
     events = read_events(settings.jobs_dir / job_id / "events.jsonl")
     assert "interrupted" not in {e["type"] for e in events}
@@ -165,7 +171,8 @@ def test_database_outage_longer_than_the_lease_stops_the_trainer(
     runner.run_job(job_id, settings=settings)  # returns once the lease would have expired
     thread.join(timeout=10)
 
-    assert_group_gone(seen["pgid"])  # the trainer does not run on beside a second attempt
+    # the trainer does not run on beside a second attempt
+    assert_trainer_gone(seen["pgid"], settings.jobs_dir / job_id)
     job = read_job(settings, job_id)
     assert (job.state, job.finished_at) == ("running", None)  # the reconciler decides now
     events = read_events(settings.jobs_dir / job_id / "events.jsonl")
@@ -211,7 +218,7 @@ def test_shutdown_hands_the_job_back_with_a_checkpoint(
     job = read_job(settings, job_id)
     assert (job.state, job.attempt, job.lease_owner, job.error) == ("queued", 1, None, None)
     assert queued_messages(settings) == [(RUN_JOB, (job_id,))]
-    assert_group_gone(seen["pgid"])
+    assert_trainer_gone(seen["pgid"], settings.jobs_dir / job_id)
     assert (settings.jobs_dir / job_id / "checkpoints" / "last.pt").is_file()
     assert "interrupted" in {e.type for e in rows(settings, JobEvent, job_id)}
 
@@ -243,7 +250,7 @@ def test_a_killed_worker_takes_its_trainer_with_it(settings: Settings, make_job:
         except ProcessLookupError:
             break
         time.sleep(0.2)
-    assert_group_gone(pgid)
+    assert_trainer_gone(pgid, settings.jobs_dir / job_id)
     events = read_events(settings.jobs_dir / job_id / "events.jsonl")
     assert events[-1]["type"] == "interrupted"  # stopped by the signal, not run to its end
     assert read_job(settings, job_id).state == "running"  # the reconciler's to re-queue

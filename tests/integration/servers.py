@@ -1,0 +1,125 @@
+"""Private PostgreSQL and Redis servers that a fault test may stop and restart.
+
+The shared servers on 127.0.0.1 belong to every test (and to CI's other runs), so a test that
+restarts "the database" or "the broker" starts its own from Debian's binaries on a free port.
+Redis runs without persistence, as the compose file's and CI's do: a restart loses every
+message, which is the fault the reconciler has to repair.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_port(port: int, *, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        assert time.monotonic() < deadline, f"nothing listens on port {port}"
+        time.sleep(0.05)
+
+
+class PrivatePostgres:
+    """`initdb` + `pg_ctl` in a temporary folder (as the `postgres` user when run as root)."""
+
+    def __init__(self) -> None:
+        if not PG_BINS:
+            pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin)")
+        self.bin = Path(PG_BINS[-1])
+        self.port = free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix="tid-pg-"))
+        self.as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        if self.as_user:
+            shutil.chown(self.dir, "postgres")
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+        self.start()
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run(
+            [*self.as_user, str(self.bin / tool), *args],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        data, log = str(self.dir / "data"), str(self.dir / "server.log")
+        self._run("pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "start")
+
+    def stop(self) -> None:
+        """A fast shutdown: every connection is terminated, as in a real restart."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def close(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class PrivateRedis:
+    """`redis-server` without persistence on a free port."""
+
+    def __init__(self, log: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.log = log
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        assert self.binary
+        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [self.binary, *args, "no"], stdout=out, stderr=subprocess.STDOUT
+            )
+        _wait_port(self.port)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+            self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@contextlib.contextmanager
+def private_servers(tmp_path: Path) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
+    pg = PrivatePostgres()
+    try:
+        redis = PrivateRedis(tmp_path / "redis.log")
+        try:
+            yield pg, redis
+        finally:
+            redis.stop()
+    finally:
+        pg.close()

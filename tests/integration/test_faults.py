@@ -1,0 +1,540 @@
+"""The fault matrix (docs/RELIABILITY.md): each test injects one fault into the whole service
+running as processes (API, Celery workers, reconciler, torchrun trainers) on a private
+PostgreSQL and Redis that it may restart, and asserts the job's final state, its attempts,
+that at most one attempt ran at any time, and that no metric, checkpoint or event was lost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+import torch
+from conftest import Stack, running_stack
+from processes import AttemptWatch, rank0_trainer, signal_pending, trainer_processes
+from servers import PrivatePostgres, PrivateRedis, free_port, private_servers
+from service_jobs import (
+    assert_nothing_lost,
+    read_job,
+    sha256,
+    state_events,
+    tiny_spec,
+    wait_job,
+)
+from sqlalchemy import select
+
+from api.db.models import Checkpoint, Job
+from api.db.models import Dataset as DatasetRow
+from api.db.session import session_scope
+from api.queue import RUN_JOB, send
+from tid_core.events import read_events
+from worker.resources import prepare_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.faults]
+
+STEPS_PER_EPOCH = 16  # 64 training images, batch 4
+
+
+@dataclass
+class Faults:
+    """A running stack on private servers, and a watch on its trainers."""
+
+    stack: Stack
+    pg: PrivatePostgres
+    redis: PrivateRedis
+    watch: AttemptWatch
+
+    @property
+    def settings(self) -> Any:
+        return self.stack.settings
+
+    def run_dir(self, job_id: str) -> Path:
+        path: Path = self.settings.jobs_dir / job_id
+        return path
+
+    def submit(self, spec: dict[str, Any]) -> str:
+        job_id = str(self.stack.client.submit(spec)["id"])
+        self.watch.watch(self.run_dir(job_id))
+        return job_id
+
+    def logs(self) -> str:
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}"
+            for p in sorted(self.stack.logs.glob("*.log"))
+        )
+
+    def wait(self, job_id: str, done: Callable[[Job], bool] | None = None, **kw: Any) -> Job:
+        if done is None:
+            return wait_job(self.settings, job_id, logs=self.logs, **kw)
+        return wait_job(self.settings, job_id, done, logs=self.logs, **kw)
+
+    def wait_events(self, job_id: str, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+        """The first trainer event of the job that matches, as soon as it is written."""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            for event in read_events(self.run_dir(job_id) / "events.jsonl"):
+                if match(event):
+                    return event
+            time.sleep(0.01)
+        pytest.fail(f"job {job_id}: no matching event")
+
+    def assert_one_attempt_at_a_time_and_none_left(self, job_id: str) -> None:
+        run_dir = self.run_dir(job_id)
+        deadline = time.monotonic() + 30
+        while trainer_processes(run_dir) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert trainer_processes(run_dir) == {}, "a trainer process outlived its job"
+        assert self.watch.most[run_dir] == 1, "attempts overlapped (or none ever ran)"
+
+
+@pytest.fixture
+def faults(tmp_path: Path) -> Iterator[Callable[..., Faults]]:
+    """Start a stack on private servers (settings may be overridden: `TID_*=value`)."""
+    with contextlib.ExitStack() as exits:
+
+        def start(**env: str) -> Faults:
+            pg, redis_server = exits.enter_context(private_servers(tmp_path))
+            stack = exits.enter_context(
+                running_stack(
+                    tmp_path,
+                    database_url=pg.url,
+                    broker_url=redis_server.url,
+                    TID_DB_RETRY_SECONDS="120",
+                    **env,
+                )
+            )
+            watch = AttemptWatch()
+            exits.callback(watch.close)
+            return Faults(stack, pg, redis_server, watch)
+
+        yield start
+
+
+def dataset(f: Faults, *, num_train: int = 64, num_val: int = 4) -> str:
+    """A builtin dataset, made ready here with the worker's own function, so that tests
+    choose when the first worker starts (the prepare message it leaves is then a no-op)."""
+    body = {"name": "d", "builtin": "shapes", "image_size": 64}
+    ds = f.stack.client.create_dataset({**body, "num_train": num_train, "num_val": num_val})
+    prepare_dataset(ds["id"], settings=f.settings)
+    assert f.stack.client.dataset(ds["id"])["state"] == "ready"
+    return str(ds["id"])
+
+
+def long_spec(dataset_id: str, epochs: int = 3, **overrides: Any) -> dict[str, Any]:
+    """16 steps an epoch, a checkpoint at each epoch's end, one evaluation at the end."""
+    schedule = {"epochs": epochs, "eval_every": 0, **overrides.pop("schedule", {})}
+    return tiny_spec(dataset_id, "fault", schedule=schedule, **overrides)
+
+
+def first_step_of(events: list[dict[str, Any]], start: dict[str, Any]) -> int:
+    after = events[events.index(start) + 1 :]
+    return int(next(e["step"] for e in after if e["type"] == "step"))
+
+
+def resumed_starts(f: Faults, job_id: str) -> list[dict[str, Any]]:
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    return [e for e in events if e["type"] == "start"]
+
+
+# 1 ------------------------------------------------------------------------------------------
+def test_worker_sigkilled_mid_epoch_its_trainer_stops_and_another_worker_resumes(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    f.stack.start_worker("worker-a")
+    job_id = f.submit(long_spec(dataset(f)))
+    f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 3)  # past epoch 1's checkpoint
+
+    f.stack.stop("worker-a", signal.SIGKILL)  # the whole Celery process group, no clean-up
+
+    deadline = time.monotonic() + 60  # the orphaned trainer must stop by itself, soon
+    while trainer_processes(f.run_dir(job_id)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert trainer_processes(f.run_dir(job_id)) == {}
+    assert read_job(f.settings, job_id).state == "running"  # until its lease runs out
+    f.stack.start_worker("worker-b")
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt, job.handbacks) == ("succeeded", 2, 0), job.error
+    first, second = resumed_starts(f, job_id)
+    assert (first["resumed"], second["resumed"]) == (False, True)
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    assert second["step"] > STEPS_PER_EPOCH  # from the orphan's last checkpoint, not epoch 1
+    assert first_step_of(events, second) == second["step"] + 1  # continues, does not restart
+    assert [d["state"] for _, d in state_events(f.settings, job_id)] == [
+        "running",
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 2 ------------------------------------------------------------------------------------------
+def test_trainer_error_fails_the_job_with_the_error_and_no_retry(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    dataset_id = dataset(f, num_train=16)
+    with session_scope(f.settings.database_url) as session:
+        root = Path(session.get_one(DatasetRow, dataset_id).path)
+    image = next((root / "train").iterdir())
+    image.unlink()  # the dataset breaks after it was checked: the trainer hits it
+    f.stack.start_worker("worker")
+    job_id = f.submit(tiny_spec(dataset_id, "broken"))
+
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("failed", 1)  # an error of its own: no retry
+    assert job.error and job.error.startswith("FileNotFoundError: ")
+    assert image.name in job.error
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+@pytest.mark.parametrize("max_attempts", [2, 1])
+def test_trainer_killed_from_outside_is_retried_up_to_max_attempts(
+    faults: Callable[..., Faults], max_attempts: int
+) -> None:
+    """A trainer that dies without an error of its own (the OOM killer, a node problem) may
+    well succeed on another attempt; `resources.max_attempts` caps how many."""
+    f = faults()
+    f.stack.start_worker("worker")
+    job_id = f.submit(long_spec(dataset(f), resources={"max_attempts": max_attempts}))
+    f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 2)
+
+    os.kill(rank0_trainer(f.run_dir(job_id)), signal.SIGKILL)
+    job = f.wait(job_id)
+
+    if max_attempts == 1:
+        assert (job.state, job.attempt) == ("failed", 1)
+        assert job.error and job.error.startswith("trainer exited with code 1")
+        assert job.error.endswith("(attempt 1 of 1: none left)")
+        return
+    assert (job.state, job.attempt) == ("succeeded", 2), job.error
+    requeued = [d for _, d in state_events(f.settings, job_id) if d["state"] == "queued"]
+    assert len(requeued) == 1
+    assert requeued[0]["reason"].startswith("retrying (1 attempt(s) left) after: trainer exited")
+    _, second = resumed_starts(f, job_id)
+    assert second["resumed"] and second["step"] == STEPS_PER_EPOCH  # epoch 1's checkpoint
+    assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 3 ------------------------------------------------------------------------------------------
+def test_broker_restarted_while_a_job_is_queued_the_job_still_runs(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    dataset_id = dataset(f, num_train=16)
+    broker = redis.Redis.from_url(f.redis.url)
+    waiting = broker.llen(f.settings.queue)
+    job_id = f.submit(tiny_spec(dataset_id, "queued", schedule={"epochs": 1}))
+    assert broker.llen(f.settings.queue) == waiting + 1  # the message waits for a worker
+
+    f.redis.restart()  # no persistence: the message is gone
+    assert broker.llen(f.settings.queue) == 0
+
+    f.stack.start_worker("worker")  # the reconciler sends the stale queued job again
+    job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    # and the worker, API and reconciler all reconnect after a restart under their feet
+    f.redis.restart()
+    later = f.submit(tiny_spec(dataset_id, "after-restart", schedule={"epochs": 1}))
+    job = f.wait(later)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    for done in (job_id, later):
+        assert_nothing_lost(f.settings, done, steps=4)
+        f.assert_one_attempt_at_a_time_and_none_left(done)
+
+
+# 4 ------------------------------------------------------------------------------------------
+def test_database_restarted_while_a_job_runs_and_as_it_finishes_the_job_finishes(
+    faults: Callable[..., Faults],
+) -> None:
+    # a lease longer than the outage: the worker keeps its job through it
+    f = faults(TID_LEASE_SECONDS="20")
+    f.stack.start_worker("worker")
+    job_id = f.submit(long_spec(dataset(f)))
+    f.wait(job_id, lambda j: j.step >= 5)
+
+    f.pg.stop()
+    down = f.stack.client.http.get(f"/v1/jobs/{job_id}")
+    assert down.status_code == 503, down.text
+    assert down.headers["content-type"] == "application/problem+json"
+    assert down.json()["detail"] == "the database is unavailable; retry shortly"
+    time.sleep(4)  # training goes on; events wait in events.jsonl
+    f.pg.start()
+
+    # again as the trainer exports and exits: the outcome must still be written
+    f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "export")
+    pid = rank0_trainer(f.run_dir(job_id))
+    os.kill(pid, signal.SIGSTOP)  # hold it until the database is down
+    f.pg.stop()
+    os.kill(pid, signal.SIGCONT)
+    f.wait_events(job_id, lambda e: e["type"] == "end")
+    while trainer_processes(f.run_dir(job_id)):
+        time.sleep(0.1)
+    time.sleep(2)
+    f.pg.start()
+
+    job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    assert "database unavailable ingesting the last events; retrying" in f.stack.log("worker")
+    assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 5 ------------------------------------------------------------------------------------------
+def test_the_same_task_delivered_to_two_racing_workers_runs_once(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    dataset_id = dataset(f, num_train=16)
+    f.stack.start_worker("worker-a")
+    f.stack.start_worker("worker-b")
+    job_id = f.submit(tiny_spec(dataset_id, "twice"))
+    for _ in range(3):  # duplicates: a redelivery, a reconciler re-send, a retried publish
+        send(f.settings, RUN_JOB, job_id)
+
+    job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    running = [a for a, d in state_events(f.settings, job_id) if d["state"] == "running"]
+    assert running == [1]
+    assert len(resumed_starts(f, job_id)) == 1
+    assert_nothing_lost(f.settings, job_id, steps=8)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 6 ------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def black_hole() -> Iterator[int]:
+    """A port that accepts connections and never answers: a send to it hangs."""
+    server = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                held.append(server.accept()[0])
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_api_killed_after_commit_before_enqueue_the_job_still_runs(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults(TID_REQUEUE_AFTER_SECONDS="15")  # so the test sees that nothing was sent
+    dataset_id = dataset(f, num_train=16)
+    port = free_port()
+    with black_hole() as hole:
+        doomed = f.stack.start(
+            "api-doomed", "serve", "--port", str(port), TID_BROKER_URL=f"redis://127.0.0.1:{hole}"
+        )
+        url = f"http://127.0.0.1:{port}"
+        headers = dict(f.stack.client.http.headers)
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+
+        def post() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the API dies before it answers
+                spec = tiny_spec(dataset_id, "orphan")
+                httpx.post(f"{url}/v1/jobs", json=spec, headers=headers, timeout=120)
+
+        poster = threading.Thread(target=post)
+        poster.start()
+        deadline = time.monotonic() + 60
+        while True:  # committed, and stuck sending the task
+            with session_scope(f.settings.database_url) as session:
+                job_id = session.scalar(select(Job.id).where(Job.name == "orphan"))
+            if job_id:
+                break
+            assert time.monotonic() < deadline, f.stack.log("api-doomed")
+            time.sleep(0.05)
+        os.killpg(doomed.pid, signal.SIGKILL)
+        f.stack.procs.pop("api-doomed").wait()
+        poster.join()
+
+    f.watch.watch(f.run_dir(job_id))
+    assert read_job(f.settings, job_id).state == "queued"
+    messages = redis.Redis.from_url(f.redis.url).lrange(f.settings.queue, 0, -1)
+    assert not [m for m in messages if job_id.encode() in m]  # nothing was sent for the job
+    f.stack.start_worker("worker")
+    job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    assert_nothing_lost(f.settings, job_id, steps=8)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 7 ------------------------------------------------------------------------------------------
+def cancel_with_trainer_held(f: Faults, job_id: str, pid: int) -> None:
+    """Cancel while the trainer is frozen (SIGSTOP) where the test stopped it, so that the
+    worker's SIGTERM reaches it exactly there; then let it go on."""
+    f.stack.client.request("POST", f"/v1/jobs/{job_id}/cancel")
+    deadline = time.monotonic() + 30
+    while not signal_pending(pid, signal.SIGTERM):
+        assert time.monotonic() < deadline, "the worker never sent SIGTERM"
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGCONT)
+
+
+def assert_cancelled_intact(f: Faults, job_id: str) -> None:
+    job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("cancelled", 1), job.error
+    assert_nothing_lost(f.settings, job_id)
+    with session_scope(f.settings.database_url) as session:
+        newest = session.scalars(
+            select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.id.desc())
+        ).first()
+    assert newest is not None
+    ckpt = torch.load(f.run_dir(job_id) / newest.path, map_location="cpu", weights_only=True)
+    assert ckpt["progress"]["step"] == newest.step  # a whole checkpoint, loadable
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+def test_cancel_while_evaluating_is_cancelled_without_finishing_the_evaluation(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults(TID_CANCEL_GRACE_SECONDS="60")
+    job_id = f.submit(long_spec(dataset(f, num_train=16, num_val=64), epochs=2))
+    f.stack.start_worker("worker")
+    f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "eval")
+    pid = rank0_trainer(f.run_dir(job_id))
+    os.kill(pid, signal.SIGSTOP)
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    assert events[-1]["type"] == "phase" and events[-1]["phase"] == "eval"  # held inside it
+
+    cancel_with_trainer_held(f, job_id, pid)
+
+    assert_cancelled_intact(f, job_id)
+    tail = [e["type"] for e in read_events(f.run_dir(job_id) / "events.jsonl")][-2:]
+    assert tail == ["phase", "interrupted"]  # the evaluation was abandoned, not finished
+
+
+def test_cancel_while_checkpointing_keeps_every_checkpoint_whole(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults(TID_CANCEL_GRACE_SECONDS="60")
+    job_id = f.submit(long_spec(dataset(f), schedule={"checkpoint_every": 2}))
+    f.stack.start_worker("worker")
+    ckpt_dir = f.run_dir(job_id) / "checkpoints"
+    deadline = time.monotonic() + 300
+    while True:  # freeze the trainer half-way through writing a checkpoint
+        assert time.monotonic() < deadline, "never caught a checkpoint being written"
+        if list(ckpt_dir.glob(".last.pt.tmp.*")):
+            pid = rank0_trainer(f.run_dir(job_id))
+            os.kill(pid, signal.SIGSTOP)
+            if list(ckpt_dir.glob(".last.pt.tmp.*")):
+                break
+            os.kill(pid, signal.SIGCONT)  # it had just finished: try the next one
+        time.sleep(0.002)
+
+    cancel_with_trainer_held(f, job_id, pid)
+
+    assert_cancelled_intact(f, job_id)
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    assert [e["type"] for e in events[-2:]] == ["checkpoint", "interrupted"]
+
+
+# 8 ------------------------------------------------------------------------------------------
+def test_disk_full_on_checkpoint_fails_clearly_and_keeps_the_previous_checkpoint(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    f.stack.start_worker("worker")
+    job_id = f.submit(long_spec(dataset(f)))
+    saved = f.wait_events(job_id, lambda e: e["type"] == "checkpoint")
+    # every write of the trainer past 1 MB now fails (EFBIG), as ENOSPC does on a full disk
+    resource.prlimit(rank0_trainer(f.run_dir(job_id)), resource.RLIMIT_FSIZE, (1 << 20,) * 2)
+
+    job = f.wait(job_id)
+
+    last = f.run_dir(job_id) / "checkpoints" / "last.pt"
+    assert (job.state, job.attempt) == ("failed", 1)
+    assert job.error == (
+        f"CheckpointWriteError: [Errno 27] cannot write checkpoint {last} at step "
+        f"{2 * STEPS_PER_EPOCH}: File too large (disk full or run dir not writable?); "
+        "the previous checkpoint is kept"
+    )
+    assert sha256(last) == saved["sha256"]
+    assert_nothing_lost(f.settings, job_id)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 9 ------------------------------------------------------------------------------------------
+def test_nan_loss_fails_naming_the_step_and_keeps_the_last_good_checkpoint(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults()
+    f.stack.start_worker("worker")
+    spec = long_spec(dataset(f), schedule={"lr": 10.0, "grad_clip": 0.0, "checkpoint_every": 1})
+    job_id = f.submit(spec)
+
+    job = f.wait(job_id)
+
+    error = read_events(f.run_dir(job_id) / "events.jsonl")[-1]
+    assert (job.state, job.attempt, error["type"]) == ("failed", 1, "error")
+    bad = error["step"]
+    assert job.error and job.error.startswith(f"NonFiniteLossError: non-finite loss at step {bad}:")
+    assert_nothing_lost(f.settings, job_id)
+    last = torch.load(
+        f.run_dir(job_id) / "checkpoints" / "last.pt", map_location="cpu", weights_only=True
+    )
+    assert last["progress"]["step"] == bad - 1  # the last good step, not the diverged one
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 10 -----------------------------------------------------------------------------------------
+def test_worker_sigterm_checkpoints_hands_back_and_another_worker_resumes(
+    faults: Callable[..., Faults],
+) -> None:
+    f = faults(TID_CANCEL_GRACE_SECONDS="60")  # a deploy waits for the checkpoint
+    worker = f.stack.start_worker("worker-a")
+    job_id = f.submit(long_spec(dataset(f), resources={"max_attempts": 1}))
+    f.wait(job_id, lambda j: j.step >= 5)
+
+    worker.send_signal(signal.SIGTERM)  # `docker stop`: to the main process only
+    assert worker.wait(timeout=120) == 0
+    f.stack.procs.pop("worker-a")
+
+    job = read_job(f.settings, job_id)
+    assert (job.state, job.attempt, job.handbacks) == ("queued", 1, 1)
+    f.stack.start_worker("worker-b")
+    job = f.wait(job_id)
+    # a hand-back is no failure: max_attempts 1 still allows the resumed attempt
+    assert (job.state, job.attempt, job.handbacks) == ("succeeded", 2, 1), job.error
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    _, second = (e for e in events if e["type"] == "start")
+    stopped = next(e for e in events if e["type"] == "interrupted")
+    assert second["resumed"] and second["step"] == stopped["step"]
+    assert first_step_of(events, second) == stopped["step"] + 1
+    assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)

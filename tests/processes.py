@@ -1,0 +1,94 @@
+"""What the fault tests watch from outside: a job's trainer processes, read from /proc.
+
+An attempt is one process tree: torchrun and its workers (which torchrun starts in sessions of
+their own), or a worker orphaned by a dead torchrun. The topmost trainer process of each tree
+is that attempt's root, so the distinct roots are the attempts running at that moment. A
+sampler thread records the largest number it ever saw.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from contextlib import suppress
+from pathlib import Path
+
+SAMPLE_SECONDS = 0.05
+
+
+def _cmdline(pid: int) -> list[str]:
+    with suppress(OSError):
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    return []
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of a live process (None for a zombie or a gone one)."""
+    with suppress(OSError, IndexError, ValueError):
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        return None if fields[0] == "Z" else int(fields[1])
+    return None
+
+
+def trainer_processes(run_dir: Path) -> dict[int, int]:
+    """pid -> attempt root of every live process training into `run_dir` (torchrun too)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        args = _cmdline(int(entry.name))
+        if "tid_core.train" in args and str(run_dir) in args:
+            parent = _parent(int(entry.name))
+            if parent is not None:
+                parents[int(entry.name)] = parent
+    roots = {}
+    for pid in parents:
+        root = pid
+        while parents.get(root) in parents:
+            root = parents[root]
+        roots[pid] = root
+    return roots
+
+
+def rank0_trainer(run_dir: Path) -> int:
+    """The pid of the trainer process itself (torchrun's worker), not of the launcher."""
+    pids = [
+        pid
+        for pid in trainer_processes(run_dir)
+        if "torch.distributed.run" not in " ".join(_cmdline(pid))
+    ]
+    assert len(pids) == 1, f"expected one trainer process for {run_dir}, found {pids}"
+    return pids[0]
+
+
+def signal_pending(pid: int, sig: signal.Signals) -> bool:
+    """Whether `sig` waits, undelivered, for the (stopped) process `pid`."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    masks = [line.split()[1] for line in status.splitlines() if line[:6] in ("SigPnd", "ShdPnd")]
+    return any(int(mask, 16) & (1 << (sig - 1)) for mask in masks)
+
+
+class AttemptWatch:
+    """Samples the trainer processes of some run dirs in a thread while a test runs."""
+
+    def __init__(self) -> None:
+        self.run_dirs: list[Path] = []
+        self.most: dict[Path, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def watch(self, run_dir: Path) -> None:
+        self.most.setdefault(run_dir, 0)
+        self.run_dirs.append(run_dir)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(SAMPLE_SECONDS):
+            for run_dir in list(self.run_dirs):
+                attempts = set(trainer_processes(run_dir).values())
+                self.most[run_dir] = max(self.most[run_dir], len(attempts))
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
