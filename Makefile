@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint typecheck unit demo demo-local clean
+.PHONY: venv test test-faults lint typecheck unit demo demo-local clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,10 @@ unit: venv
 	$(PY) -m pytest -q
 
 test: lint typecheck unit
+
+# the fault matrix (docs/RELIABILITY.md): minutes, on private PostgreSQL/Redis servers
+test-faults: venv
+	$(PY) -m pytest -q -m faults tests/integration/test_faults.py
 
 demo: venv
 	$(VENV)/bin/tid demo
