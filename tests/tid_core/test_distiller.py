@@ -158,6 +158,7 @@ def test_distill_scale_multiplies_distillation_terms_only(arch: str, method: str
             torch.testing.assert_close(two[name], one[name])
             torch.testing.assert_close(zero[name], one[name])
     assert sum(one[name].item() for name in DISTILL_TERMS[method]) > 0
+    assert set(model.distill_terms) == DISTILL_TERMS[method]
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:

@@ -40,6 +40,7 @@ class Distiller(nn.Module):
         self._teacher: tuple[Detector, ...] = ()
         self.adapters: Adapters | None = None
         self._capture: StudentCapture | None = None
+        self.distill_terms: tuple[str, ...] = ()  # which loss terms are distillation's
         if teacher is not None:
             teacher.eval().requires_grad_(False)
             self._teacher = (teacher,)  # a tuple hides it from nn.Module registration
@@ -76,5 +77,6 @@ class Distiller(nn.Module):
             resized_targets,
         )
         losses.update({name: distill_scale * value for name, value in distill.items()})
+        self.distill_terms = tuple(distill)
         stats = dict(self.loss.last_stats) if isinstance(self.loss, TIDLoss) else {}
         return losses, stats
