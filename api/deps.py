@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, TypeVar
 
-from fastapi import Depends
+from fastapi import Depends, Path
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -49,6 +49,10 @@ def get_current_owner(
 
 
 CurrentOwner = Annotated[str, Depends(get_current_owner)]
+
+# A resource id in the URL (ours are 32 hex characters): anything else is a 422, not a lookup,
+# so no NUL byte or megabyte-long string ever reaches the database driver.
+IdPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
 
 
 Owned = TypeVar("Owned", Job, Dataset, Model)

@@ -2,7 +2,8 @@
 
 Routes raise the domain exceptions below (or let FastAPI raise validation and routing errors);
 the handlers installed by `install` render all of them as `application/problem+json`, so no
-route needs its own try/except.
+route needs its own try/except. Routes list the problems they can answer with through
+`responses`, so the OpenAPI schema says what a client will really get.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from api.db.session import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 MAX_DETAIL_ERRORS = 5  # the `errors` list has them all; `detail` stays one readable line
 
 
@@ -77,8 +81,46 @@ class Unprocessable(ProblemError):
     status = 422
 
 
+class TooManyRequests(ProblemError):
+    status = 429
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+
+
 class Unavailable(ProblemError):
     status = 503
+
+
+class Problem(BaseModel):
+    """The body of every error response (RFC 9457), as the OpenAPI schema documents it."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str
+    errors: list[dict[str, Any]] | None = None  # where in the request, for 422s: loc, msg, type
+
+
+_PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}
+_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
+    416: {"Content-Range": {"schema": {"type": "string"}}},
+    429: {"Retry-After": {"schema": {"type": "integer", "minimum": 1}, "description": "seconds"}},
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the problems a route can answer with (all problem+json)."""
+    return {
+        status: {
+            "description": HTTPStatus(status).phrase,
+            "content": _PROBLEM_CONTENT,
+            **({"headers": _HEADERS[status]} if status in _HEADERS else {}),
+        }
+        for status in statuses
+    }
 
 
 def problem_response(
@@ -90,16 +132,20 @@ def problem_response(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """A problem+json response; `type` is about:blank, so `title` is the HTTP status phrase."""
-    body: dict[str, Any] = {
-        "type": "about:blank",
-        "title": HTTPStatus(status).phrase,
-        "status": status,
-        "detail": detail,
-        "instance": instance,
-    }
-    if errors is not None:
-        body["errors"] = errors
-    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+    problem = Problem(
+        type="about:blank",
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        instance=instance,
+        errors=errors,
+    )
+    return JSONResponse(
+        problem.model_dump(exclude_none=True),
+        status_code=status,
+        headers=headers,
+        media_type=PROBLEM_JSON,
+    )
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -114,14 +160,30 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method served at the request's path: Starlette's 405 names only the first route's,
+    and `GET /v1/jobs` and `POST /v1/jobs` are two routes."""
+    return ", ".join(
+        method
+        for method in HTTP_METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    )
+
+
 async def _http_error(request: Request, exc: Exception) -> JSONResponse:
-    """Routing and framework errors (unknown route 404, 405, 413 from the body limit...)."""
+    """Routing and framework errors (unknown route 404, 405, 413 from the body limit, a body
+    FastAPI cannot parse...)."""
     assert isinstance(exc, StarletteHTTPException)
+    detail, headers = str(exc.detail), dict(exc.headers or {})
+    if isinstance(exc.__cause__, RecursionError):  # json.loads gave up: not our failure
+        detail = "JSON body nested too deeply"
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
     return problem_response(
-        status=exc.status_code,
-        detail=str(exc.detail),
-        instance=request.url.path,
-        headers=exc.headers,
+        status=exc.status_code, detail=detail, instance=request.url.path, headers=headers
     )
 
 

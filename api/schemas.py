@@ -90,13 +90,14 @@ class CheckpointsPublic(BaseModel):
 class BuiltinDatasetCreate(BuiltinDataset):
     """Generate the synthetic shapes dataset (same bounds as a job's builtin dataset)."""
 
+    model_config = ConfigDict(strict=True)  # `false` is not a seed, nor `"16"` a count
     name: Name
 
 
 class PathDatasetCreate(BaseModel):
     """Register a COCO folder already on the server, under one of the allowed roots."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: Name
     path: PathStr
 

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     # database is away, before it leaves the job to its lease (and the reconciler)
     db_retry_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # jobs one owner may have queued or running at once, so nobody floods the queue (0: no limit)
+    max_active_jobs_per_owner: int = Field(default=20, ge=0, le=100_000)
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)
     worker_name: str = ""  # default: hostname-pid

@@ -41,7 +41,10 @@ def resolve_under_roots(path: str, roots: Sequence[Path], *, loc: Sequence[str])
         )
     if not Path(path).is_absolute():
         raise Unprocessable(f"dataset path must be absolute, got {path!r}", loc=loc)
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (RuntimeError, ValueError) as exc:  # a symlink loop; a NUL byte in the path
+        raise Unprocessable(f"dataset path {path!r} cannot be resolved: {exc}", loc=loc) from exc
     if not any(resolved.is_relative_to(root.resolve()) for root in roots):
         allowed = ", ".join(str(r) for r in roots)
         raise Unprocessable(

@@ -11,14 +11,15 @@ from fastapi import APIRouter, Form, Response, UploadFile
 from sqlalchemy import select
 
 from api.db.models import Dataset, new_id
-from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
 from api.dispatch import commit_and_enqueue
+from api.problems import responses
 from api.queue import PREPARE_DATASET
 from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
 from api.storage import extract_dataset_zip, resolve_under_roots
 from tid_core.spec import Name
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422))
 
 
 def _created(response: Response, dataset: Dataset) -> DatasetPublic:
@@ -26,7 +27,7 @@ def _created(response: Response, dataset: Dataset) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset)
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=responses(400, 413))
 def create_dataset(
     *,
     session: SessionDep,
@@ -51,7 +52,7 @@ def create_dataset(
     return _created(response, dataset)
 
 
-@router.post("/upload", status_code=202)
+@router.post("/upload", status_code=202, responses=responses(400, 413))
 def upload_dataset(
     *,
     session: SessionDep,
@@ -86,6 +87,6 @@ def list_datasets(*, session: SessionDep, owner: CurrentOwner) -> DatasetsPublic
     return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows])
 
 
-@router.get("/{dataset_id}")
-def read_dataset(*, session: SessionDep, owner: CurrentOwner, dataset_id: str) -> DatasetPublic:
+@router.get("/{dataset_id}", responses=responses(404))
+def read_dataset(*, session: SessionDep, owner: CurrentOwner, dataset_id: IdPath) -> DatasetPublic:
     return DatasetPublic.model_validate(get_owned(session, Dataset, dataset_id, owner=owner))

@@ -13,7 +13,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from api.db.session import get_engine
 from api.deps import SettingsDep
-from api.problems import Unavailable
+from api.problems import Unavailable, responses
 from api.schemas import Health
 from api.settings import Settings
 
@@ -59,7 +59,7 @@ def read_health() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", responses={503: {"description": "the database or the broker is down"}})
+@router.get("/readyz", responses=responses(503))
 def read_readiness(*, settings: SettingsDep) -> Health:
     down = [
         name

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import anyio
-from fastapi import APIRouter, Header, Query, Response
+from fastapi import APIRouter, Header, Path, Query, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
@@ -32,10 +32,11 @@ from api.db.models import (
 )
 from api.db.session import session_scope
 from api.db.transitions import request_cancel
-from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
 from api.dispatch import enqueue
-from api.problems import Conflict, NotFound, Unprocessable
+from api.problems import Conflict, NotFound, Unprocessable, responses
 from api.queue import RUN_JOB
+from api.quota import check_active_jobs
 from api.references import checked_spec
 from api.schemas import (
     CheckpointPublic,
@@ -50,13 +51,15 @@ from api.settings import Settings
 from api.storage import check_range, etag_matches, tail_lines
 from tid_core.spec import JobSpec
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 422))
 
 POLL_SECONDS = 0.5  # how often an event stream looks for new rows
 KEEPALIVE_SECONDS = 15.0  # a comment line keeps proxies from closing a quiet stream
 EVENTS_BATCH = 500
 LATEST_ROWS = 64  # a step logs a few dozen scalars at most
 MAX_METRICS = 10_000
+MAX_ROW_ID = 2**63 - 1  # BIGINT: a larger cursor id is a 422, not an overflow in the driver
+PRINTABLE = r"^[^\x00-\x1f]+$"  # PostgreSQL refuses NUL in text: a 422 here, not a 500 there
 
 
 def _public(session: Session, job: Job) -> JobPublic:
@@ -119,7 +122,7 @@ def _create_job(
     return job
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=responses(400, 413, 429))
 def submit_job(
     *,
     session: SessionDep,
@@ -130,12 +133,13 @@ def submit_job(
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
 ) -> JobPublic:
     """Queue a job. A repeated Idempotency-Key with the same body answers with the job it
-    created (no new row); with another body it is a 422."""
+    created (no new row, and no quota check); with another body it is a 422."""
     request_hash = spec.spec_hash()
     job = None
     if idempotency_key:
         job = _replayed(session, owner=owner, key=idempotency_key, request_hash=request_hash)
     if job is None:
+        check_active_jobs(session, settings, owner=owner)
         job = _create_job(
             session, settings, spec, owner=owner, key=idempotency_key, request_hash=request_hash
         )
@@ -155,6 +159,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, str]:
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:  # cursors we issue always carry the UTC offset
             raise ValueError("cursor time without a timezone")
+        if not (job_id.isascii() and job_id.isalnum()):  # ids are hex: no NUL for the driver
+            raise ValueError("cursor id is not a job id")
         return when, job_id
     except ValueError as exc:  # bad base64, bad UTF-8, no separator or a bad time
         raise Unprocessable("invalid cursor", loc=("query", "cursor")) from exc
@@ -165,7 +171,9 @@ def list_jobs(
     *,
     session: SessionDep,
     owner: CurrentOwner,
-    state: Annotated[str | None, Query(pattern=f"^({'|'.join(JOB_STATES)})$")] = None,
+    state: Annotated[
+        str | None, Query(max_length=16, pattern=f"^({'|'.join(JOB_STATES)})$")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=100)] = 20,
     cursor: Annotated[str | None, Query(max_length=512)] = None,
 ) -> JobsPublic:
@@ -183,19 +191,19 @@ def list_jobs(
     return JobsPublic(data=[_public(session, job) for job in jobs[:limit]], next_cursor=next_cursor)
 
 
-@router.get("/{job_id}")
-def read_job(*, session: SessionDep, owner: CurrentOwner, job_id: str) -> JobPublic:
+@router.get("/{job_id}", responses=responses(404))
+def read_job(*, session: SessionDep, owner: CurrentOwner, job_id: IdPath) -> JobPublic:
     return _public(session, get_owned(session, Job, job_id, owner=owner))
 
 
-@router.get("/{job_id}/metrics")
+@router.get("/{job_id}/metrics", responses=responses(404))
 def read_job_metrics(
     *,
     session: SessionDep,
     owner: CurrentOwner,
-    job_id: str,
-    name: Annotated[str | None, Query(max_length=64)] = None,
-    after_id: Annotated[int, Query(ge=0)] = 0,
+    job_id: IdPath,
+    name: Annotated[str | None, Query(max_length=64, pattern=PRINTABLE)] = None,
+    after_id: Annotated[int, Query(ge=0, le=MAX_ROW_ID)] = 0,
     limit: Annotated[int, Query(ge=1, le=MAX_METRICS)] = MAX_METRICS,
 ) -> MetricsPublic:
     """Metric points in logging order (page with `after_id`), and every evaluation."""
@@ -213,9 +221,9 @@ def read_job_metrics(
     )
 
 
-@router.get("/{job_id}/checkpoints")
+@router.get("/{job_id}/checkpoints", responses=responses(404))
 def list_job_checkpoints(
-    *, session: SessionDep, owner: CurrentOwner, job_id: str
+    *, session: SessionDep, owner: CurrentOwner, job_id: IdPath
 ) -> CheckpointsPublic:
     job = get_owned(session, Job, job_id, owner=owner)
     rows = session.scalars(
@@ -224,13 +232,13 @@ def list_job_checkpoints(
     return CheckpointsPublic(data=[CheckpointPublic.model_validate(r) for r in rows])
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse)
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses=responses(404))
 def read_job_logs(
     *,
     session: SessionDep,
     owner: CurrentOwner,
     settings: SettingsDep,
-    job_id: str,
+    job_id: IdPath,
     tail: Annotated[int, Query(ge=1, le=100_000)] = 200,
 ) -> PlainTextResponse:
     """The trainer log's last lines (empty until the job has started)."""
@@ -238,8 +246,8 @@ def read_job_logs(
     return PlainTextResponse(tail_lines(settings.jobs_dir / job.id / "train.log", tail))
 
 
-@router.post("/{job_id}/cancel", status_code=202)
-def cancel_job(*, session: SessionDep, owner: CurrentOwner, job_id: str) -> JobPublic:
+@router.post("/{job_id}/cancel", status_code=202, responses=responses(404, 409))
+def cancel_job(*, session: SessionDep, owner: CurrentOwner, job_id: IdPath) -> JobPublic:
     """A queued job is cancelled at once; a running one when its worker sees the flag."""
     job = get_owned(session, Job, job_id, owner=owner)
     applied = request_cancel(session, job.id)
@@ -285,16 +293,18 @@ async def _event_stream(database_url: str, job_id: str, after: int) -> AsyncIter
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={200: {"content": {"text/event-stream": {}}}, **responses(404)},
 )
 def stream_job_events(
     *,
     session: SessionDep,
     owner: CurrentOwner,
     settings: SettingsDep,
-    job_id: str,
-    last_event_id: Annotated[int | None, Query(ge=0)] = None,
-    last_event_id_header: Annotated[int | None, Header(alias="Last-Event-ID", ge=0)] = None,
+    job_id: IdPath,
+    last_event_id: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID)] = None,
+    last_event_id_header: Annotated[
+        int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_ROW_ID)
+    ] = None,
 ) -> StreamingResponse:
     """Server-Sent Events of the job's event rows; resumes after `Last-Event-ID`."""
     job = get_owned(session, Job, job_id, owner=owner)
@@ -309,17 +319,22 @@ def stream_job_events(
 @router.get(
     "/{job_id}/artifacts/{name}",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}}, 304: {}, 206: {}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"content": {"application/octet-stream": {}}},
+        304: {},
+        **responses(400, 404, 416),
+    },
 )
 def download_artifact(
     *,
     session: SessionDep,
     owner: CurrentOwner,
     settings: SettingsDep,
-    job_id: str,
-    name: str,
-    if_none_match: Annotated[str | None, Header()] = None,
-    range_header: Annotated[str | None, Header(alias="Range")] = None,
+    job_id: IdPath,
+    name: Annotated[str, Path(max_length=64, pattern=r"^[A-Za-z0-9._\-]+$")],
+    if_none_match: Annotated[str | None, Header(max_length=1024)] = None,
+    range_header: Annotated[str | None, Header(alias="Range", max_length=1024)] = None,
 ) -> Response:
     """`student.pt` or `student.safetensors` of a finished job; ETag is the sha256, and
     If-None-Match and Range requests are honoured."""
@@ -336,7 +351,7 @@ def download_artifact(
     if not path.is_file():
         raise NotFound(f"artifact {name!r} of job {job.id} is missing on disk")
     stat = path.stat()
-    if range_header:
+    if range_header is not None:  # an empty one is malformed too
         check_range(range_header, stat.st_size)
     return FileResponse(
         path,

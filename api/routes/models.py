@@ -11,20 +11,20 @@ from fastapi import APIRouter, Form, Response, UploadFile
 from sqlalchemy import select
 
 from api.db.models import Model, new_id
-from api.deps import CurrentOwner, SessionDep, SettingsDep, get_owned
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
 from api.dispatch import commit_and_enqueue
-from api.problems import Unprocessable
+from api.problems import Unprocessable, responses
 from api.queue import CHECK_MODEL
 from api.schemas import ModelPublic, ModelsPublic
 from api.storage import save_upload
 from tid_core.spec import Name
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(401, 422))
 
 WEIGHT_SUFFIXES = (".pt", ".safetensors")
 
 
-@router.post("", status_code=202)
+@router.post("", status_code=202, responses=responses(400, 413))
 def upload_model(
     *,
     session: SessionDep,
@@ -58,6 +58,6 @@ def list_models(*, session: SessionDep, owner: CurrentOwner) -> ModelsPublic:
     return ModelsPublic(data=[ModelPublic.model_validate(r) for r in rows])
 
 
-@router.get("/{model_id}")
-def read_model(*, session: SessionDep, owner: CurrentOwner, model_id: str) -> ModelPublic:
+@router.get("/{model_id}", responses=responses(404))
+def read_model(*, session: SessionDep, owner: CurrentOwner, model_id: IdPath) -> ModelPublic:
     return ModelPublic.model_validate(get_owned(session, Model, model_id, owner=owner))

@@ -50,27 +50,28 @@ def make_job(session: Session, *, owner: str, state: str = "succeeded", **overri
 def make_dataset(
     session: Session, *, owner: str, state: str = "ready", **overrides: Any
 ) -> Dataset:
-    dataset_id = new_id()
     values: dict[str, Any] = {
+        "id": new_id(),
         "name": "ds",
         "kind": "builtin",
         "source": {"builtin": "shapes"},
-        "path": f"/nowhere/{dataset_id}",
         "state": state,
+        **overrides,
     }
-    dataset: Dataset = _commit(
-        session, Dataset(id=dataset_id, owner=owner, **{**values, **overrides})
-    )
+    values.setdefault("path", f"/nowhere/{values['id']}")
+    dataset: Dataset = _commit(session, Dataset(owner=owner, **values))
     return dataset
 
 
-def make_model(session: Session, *, owner: str, state: str = "ready") -> Model:
-    model: Model = _commit(
-        session,
-        Model(
-            owner=owner, name="m", path="/nowhere/weights.pt", sha256="0" * 64, bytes=1, state=state
-        ),
-    )
+def make_model(session: Session, *, owner: str, state: str = "ready", **overrides: Any) -> Model:
+    values: dict[str, Any] = {
+        "name": "m",
+        "path": "/nowhere/weights.pt",
+        "sha256": "0" * 64,
+        "bytes": 1,
+        "state": state,
+    }
+    model: Model = _commit(session, Model(owner=owner, **{**values, **overrides}))
     return model
 
 

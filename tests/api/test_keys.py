@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import hmac
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -35,3 +37,21 @@ def test_revoked_key_fails(db: Session) -> None:
     key = create_key(db, owner="alice")
     db.scalars(select(ApiKey)).one().revoked_at = utcnow()
     assert verify_key(db, key) is None
+
+
+def test_verify_key_compares_digests_in_constant_time(
+    db: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = create_key(db, owner="alice")
+    compared: list[tuple[str, str]] = []
+    real = hmac.compare_digest
+
+    def compare_digest(a: str, b: str) -> bool:
+        compared.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", compare_digest)
+    assert verify_key(db, key) == "alice"
+    assert verify_key(db, key[:-1] + "x") is None
+    stored = db.scalars(select(ApiKey)).one().key_hash
+    assert [first for first, _ in compared] == [stored, stored]  # the secret never meets `==`

@@ -121,9 +121,10 @@ def test_register_path_outside_the_roots_is_422(
 ) -> None:
     root = settings.dataset_roots[0]
     outside = tmp_path / "outside"
-    outside.mkdir()
-    os.symlink(outside, root / "link")
-    for path in (str(outside), f"{root}/../outside", f"{root}/link", "relative/coco"):
+    (outside / "coco").mkdir(parents=True)
+    os.symlink(outside, root / "link")  # a link inside the root to a folder outside it
+    paths = (str(outside), f"{root}/../outside", f"{root}/link", f"{root}/link/coco", "coco")
+    for path in paths:
         response = client.post(
             "/v1/datasets", json={"name": "x", "path": path}, headers=owner_headers
         )
@@ -242,3 +243,44 @@ def test_list_and_read_datasets_are_per_owner(
     response = client.get(f"/v1/datasets/{theirs.id}", headers=owner_headers)
     assert_problem(response, 404, f"dataset {theirs.id} not found")
     assert_problem(client.get(f"/v1/datasets/{mine.id}", headers=other_headers), 404)
+
+
+def test_register_path_with_dotdot_inside_the_root_is_pinned_to_the_real_folder(
+    client: TestClient, owner_headers: dict[str, str], db: Session, settings: Settings
+) -> None:
+    root = settings.dataset_roots[0]
+    (root / "coco").mkdir()
+    (root / "sub").mkdir()
+    body = {"name": "mine", "path": f"{root}/sub/../coco"}
+    response = client.post("/v1/datasets", json=body, headers=owner_headers)
+    assert response.status_code == 202, response.text
+    row = db.get(Dataset, response.json()["id"])
+    assert row is not None and row.path == str((root / "coco").resolve())
+
+
+def test_register_path_that_cannot_be_resolved_is_422(
+    client: TestClient, owner_headers: dict[str, str], db: Session, settings: Settings
+) -> None:
+    root = settings.dataset_roots[0]
+    os.symlink(root / "loop", root / "loop")
+    for path in (f"{root}/loop", f"{root}/loop/coco", f"{root}/co\x00co"):
+        response = client.post(
+            "/v1/datasets", json={"name": "x", "path": path}, headers=owner_headers
+        )
+        problem = assert_problem(response, 422, "cannot be resolved")
+        assert problem["errors"][0]["loc"] == ["body", "path"]
+    assert dataset_count(db) == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"seed": False}, {"num_train": "16"}, {"image_size": 128.0}, {"name": 7}],
+    ids=["bool-seed", "string-count", "float-size", "number-name"],
+)
+def test_create_builtin_dataset_with_a_wrong_json_type_is_422(
+    client: TestClient, owner_headers: dict[str, str], db: Session, change: dict[str, object]
+) -> None:
+    response = client.post("/v1/datasets", json={**BUILTIN, **change}, headers=owner_headers)
+    body = assert_problem(response, 422)
+    assert body["errors"][0]["loc"][-1] == next(iter(change))
+    assert dataset_count(db) == 0

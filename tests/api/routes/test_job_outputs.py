@@ -167,7 +167,9 @@ def test_artifact_range_request_is_206(
     assert (resumed.status_code, resumed.content) == (206, WEIGHTS[1000:])
 
 
-@pytest.mark.parametrize(("header", "status"), [("bytes=5000-6000", 416), ("pages=1-2", 400)])
+@pytest.mark.parametrize(
+    ("header", "status"), [("bytes=5000-6000", 416), ("pages=1-2", 400), ("", 400)]
+)
 def test_artifact_bad_range_is_a_problem(
     client: TestClient,
     owner_headers: dict[str, str],
@@ -247,3 +249,32 @@ def test_events_stream_follows_a_running_job_until_final(
     ]
     assert events[0]["id"] == first.id
     assert {"comment": "keep-alive"} in frames  # sent while the stream was quiet
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "headers", "loc"),
+    [
+        ("/metrics", {"after_id": 2**63}, {}, ["query", "after_id"]),
+        ("/metrics", {"name": "loss\x00"}, {}, ["query", "name"]),
+        ("/events", {"last_event_id": 2**63}, {}, ["query", "last_event_id"]),
+        ("/events", {}, {"Last-Event-ID": str(2**63)}, ["header", "Last-Event-ID"]),
+    ],
+    ids=["after-id", "nul-name", "last-event-id", "last-event-id-header"],
+)
+def test_cursor_beyond_bigint_or_nul_in_a_filter_is_422(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    db: Session,
+    path: str,
+    params: dict[str, Any],
+    headers: dict[str, str],
+    loc: list[str],
+) -> None:
+    """The driver cannot bind them (SQLite: OverflowError; PostgreSQL: NUL in text): a 500
+    or a broken stream unless refused at the edge."""
+    job = make_job(db, owner="alice")
+    response = client.get(
+        f"/v1/jobs/{job.id}{path}", params=params, headers={**owner_headers, **headers}
+    )
+    body = assert_problem(response, 422)
+    assert body["errors"][0]["loc"] == loc

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import add_metrics, make_dataset, make_job, make_model
+from factories import add_artifact, add_event, add_metrics, make_dataset, make_job, make_model
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -249,11 +249,19 @@ def test_read_job_has_latest_metrics_of_last_step(
     ],
 )
 def test_another_owners_job_is_404_everywhere(
-    client: TestClient, other_headers: dict[str, str], db: Session, method: str, path: str
+    client: TestClient,
+    other_headers: dict[str, str],
+    db: Session,
+    settings: Settings,
+    method: str,
+    path: str,
 ) -> None:
     job = make_job(db, owner="alice", state="queued")
+    add_artifact(db, settings, job, name="student.pt", content=b"alice's weights")
+    add_event(db, job, "state", {"state": "queued"})
     response = client.request(method, f"/v1/jobs/{job.id}{path}", headers=other_headers)
     assert_problem(response, 404, f"job {job.id} not found")
+    assert b"alice's weights" not in response.content
     db.refresh(job)
     assert (job.state, job.cancel_requested) == ("queued", False)
 
@@ -382,4 +390,107 @@ def test_list_jobs_cursor_without_timezone_is_422(
 ) -> None:
     naive = base64.urlsafe_b64encode(b"2024-01-01T00:00:00|x").decode().rstrip("=")
     response = client.get("/v1/jobs", params={"cursor": naive}, headers=owner_headers)
+    assert_problem(response, 422, "invalid cursor")
+
+
+def test_submit_job_over_the_active_quota_is_429_with_retry_after(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    db: Session,
+    sent: Sent,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "max_active_jobs_per_owner", 2)
+    make_job(db, owner="alice", state="queued")
+    make_job(db, owner="alice", state="running")
+    make_job(db, owner="alice", state="succeeded")  # final jobs do not count
+    response = client.post("/v1/jobs", json=SPEC, headers=owner_headers)
+    assert_problem(response, 429, "2 jobs queued or running", "the limit is 2")
+    assert response.headers["retry-after"] == "60"
+    assert job_count(db) == 3 and sent == []
+
+
+def test_active_quota_is_per_owner_and_frees_up_when_a_job_ends(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    other_headers: dict[str, str],
+    db: Session,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "max_active_jobs_per_owner", 1)
+    first = client.post("/v1/jobs", json=SPEC, headers=owner_headers)
+    assert first.status_code == 202, first.text
+    assert client.post("/v1/jobs", json=SPEC, headers=other_headers).status_code == 202
+    assert_problem(client.post("/v1/jobs", json=SPEC, headers=owner_headers), 429)
+    assert client.post(f"/v1/jobs/{first.json()['id']}/cancel", headers=owner_headers).is_success
+    assert client.post("/v1/jobs", json=SPEC, headers=owner_headers).status_code == 202
+
+
+def test_idempotent_replay_at_the_quota_replays_instead_of_429(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    db: Session,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "max_active_jobs_per_owner", 1)
+    headers = {**owner_headers, "Idempotency-Key": "once"}
+    first = client.post("/v1/jobs", json=SPEC, headers=headers)
+    again = client.post("/v1/jobs", json=SPEC, headers=headers)
+    assert first.status_code == again.status_code == 202, again.text
+    assert again.json()["id"] == first.json()["id"] and job_count(db) == 1
+    other_key = {**owner_headers, "Idempotency-Key": "twice"}
+    assert_problem(client.post("/v1/jobs", json=SPEC, headers=other_key), 429, "limit is 1")
+
+
+def test_active_quota_zero_means_unlimited(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    db: Session,
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settings, "max_active_jobs_per_owner", 0)
+    for _ in range(25):  # above the default of 20
+        make_job(db, owner="alice", state="queued")
+    assert client.post("/v1/jobs", json=SPEC, headers=owner_headers).status_code == 202
+
+
+def test_max_active_jobs_per_owner_reads_its_env_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert Settings().max_active_jobs_per_owner == 20
+    monkeypatch.setenv("TID_MAX_ACTIVE_JOBS_PER_OWNER", "3")
+    assert Settings().max_active_jobs_per_owner == 3
+    monkeypatch.setenv("TID_MAX_ACTIVE_JOBS_PER_OWNER", "-1")
+    with pytest.raises(ValueError, match="max_active_jobs_per_owner"):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/jobs/" + "a" * 65,
+        "/v1/jobs/a%00b",
+        "/v1/jobs/a%20b/metrics",
+        "/v1/datasets/" + "a" * 65,
+        "/v1/models/a%00b",
+    ],
+    ids=["long-job", "nul-job", "space-job", "long-dataset", "nul-model"],
+)
+def test_malformed_id_in_the_url_is_422_before_any_lookup(
+    client: TestClient, owner_headers: dict[str, str], path: str
+) -> None:
+    body = assert_problem(client.get(path, headers=owner_headers), 422)
+    assert body["errors"][0]["loc"][0] == "path"
+
+
+def test_list_jobs_cursor_with_a_nul_in_its_id_is_422(
+    client: TestClient, owner_headers: dict[str, str]
+) -> None:
+    raw = b"2024-01-01T00:00:00+00:00|ab\x00cd"
+    cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    response = client.get("/v1/jobs", params={"cursor": cursor}, headers=owner_headers)
     assert_problem(response, 422, "invalid cursor")
