@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import stat
+import struct
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path, PurePosixPath
@@ -27,6 +28,9 @@ from api.problems import BadRequest, PayloadTooLarge, RangeNotSatisfiable, Unpro
 
 CHUNK = 1 << 20
 MAX_ZIP_RATIO = 100  # uncompressed / compressed; real COCO folders (JPEG/PNG + JSON) are ~1-10
+# zipfile holds a few hundred bytes per entry of the central directory in memory before any
+# check can run; all of COCO 2017 (123k images) has a directory of about 10 MB
+MAX_ZIP_DIRECTORY_BYTES = 64 << 20
 COCO_ANNOTATIONS = ("annotations/instances_train.json", "annotations/instances_val.json")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # a corrupt entry, or a file and a folder under one name: the archive's fault, not ours
@@ -118,10 +122,37 @@ def _strip_single_top(
     return [(info, PurePosixPath(*rel.parts[1:])) for info, rel in members if len(rel.parts) > 1]
 
 
+def _central_directory_bytes(src: BinaryIO) -> int | None:
+    """The size of the zip's central directory, as its end record declares it (None when
+    there is no end record: then it is no zip, and zipfile says so)."""
+    size = src.seek(0, os.SEEK_END)
+    tail_len = min(size, 22 + 0xFFFF)  # the end record and its comment
+    src.seek(size - tail_len)
+    tail = src.read(tail_len)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or len(tail) < at + 22:
+        return None
+    (directory,) = struct.unpack_from("<I", tail, at + 12)
+    locator = tail.rfind(b"PK\x06\x07", 0, at)
+    if directory == 0xFFFFFFFF and locator >= 0 and len(tail) >= locator + 16:  # zip64
+        (offset,) = struct.unpack_from("<Q", tail, locator + 8)
+        src.seek(offset)
+        record = src.read(56)
+        if record[:4] == b"PK\x06\x06" and len(record) == 56:
+            (directory,) = struct.unpack_from("<Q", record, 40)
+    return int(directory)
+
+
 def extract_dataset_zip(src: BinaryIO, dest: Path, *, max_bytes: int) -> None:
     """Unpack a zipped COCO folder into `dest` (created here), or raise and remove it again."""
     if src.seek(0, os.SEEK_END) > max_bytes:
         raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
+    directory = _central_directory_bytes(src)
+    if directory is not None and directory > MAX_ZIP_DIRECTORY_BYTES:
+        raise Unprocessable(
+            f"zip directory of {directory} bytes is above {MAX_ZIP_DIRECTORY_BYTES}: "
+            "too many entries"
+        )
     src.seek(0)
     try:
         archive = zipfile.ZipFile(src)

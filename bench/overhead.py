@@ -28,13 +28,13 @@ from tid_core.distill.capture import Detector, teacher_forward
 from tid_core.distill.distiller import Distiller
 from tid_core.engine import StopFlag, autocast, train_one_epoch
 from tid_core.models import build_detector
-from tid_core.spec import DistillSpec
+from tid_core.spec import DistillSpec, Method
 from tid_core.train import build_distill_loss
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
 
-METHODS = ("fitnet", "pkd", "tid")
+METHODS: tuple[Method, ...] = ("fitnet", "pkd", "tid")
 
 
 def sync(device: torch.device) -> None:
@@ -124,10 +124,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "student": make_stepper(alone, batch, device, args.amp),
         "teacher_fwd": make_teacher_pass(alone, teacher, batch, device, args.amp),
     }
-    for name in METHODS:  # each method with the spec's default options
-        loss = build_distill_loss(DistillSpec(method=name))
+    for method in METHODS:  # each method with the spec's default options
+        loss = build_distill_loss(DistillSpec(method=method))
         distiller = Distiller(student(), teacher=teacher, loss=loss).to(device)
-        runners[name] = make_stepper(distiller, batch, device, args.amp)
+        runners[method] = make_stepper(distiller, batch, device, args.amp)
     for run in runners.values():  # warm-up: allocator, cudnn autotuning, first-call costs
         run(args.warmup)
     samples: dict[str, list[float]] = {name: [] for name in runners}

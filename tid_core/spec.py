@@ -31,7 +31,10 @@ IdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+    """No unknown fields, no NaN, and no coercion: `"seed": false` or `"lr": "0.1"` is an
+    error, not a 0 or a 0.1 (lists stay lists for the tuple fields, whose items are strict)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True, strict=True)
 
 
 class PathWeights(_Strict):
@@ -104,10 +107,14 @@ class DistillSpec(_Strict):
     method: Method = "none"
     loss_weight: float = Field(default=0.5, ge=0.0, le=100.0)
     distill_warmup_iters: int = Field(default=100, ge=0, le=1_000_000)
-    levels: tuple[int, ...] = Field(default=(0, 1, 2, 3, 4), min_length=1, max_length=NUM_LEVELS)
+    levels: tuple[Annotated[int, Field(strict=True, ge=0, lt=NUM_LEVELS)], ...] = Field(
+        default=(0, 1, 2, 3, 4), min_length=1, max_length=NUM_LEVELS, strict=False
+    )
     normalize: bool = True
     # TID (DIEM / LDAM / SFDM)
-    tasks: tuple[Task, ...] = Field(default=("cls", "reg"), min_length=1, max_length=2)
+    tasks: tuple[Task, ...] = Field(
+        default=("cls", "reg"), min_length=1, max_length=2, strict=False
+    )
     weak_areas: bool = True
     alpha: float = Field(default=2.0, ge=0.0, le=100.0)
     beta: float = Field(default=4.0, ge=0.0, le=100.0)
@@ -120,9 +127,7 @@ class DistillSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if len(set(self.levels)) != len(self.levels) or not all(
-            0 <= lvl < NUM_LEVELS for lvl in self.levels
-        ):
+        if len(set(self.levels)) != len(self.levels):
             raise ValueError(
                 f"distill.levels must be distinct FPN level indices in 0..{NUM_LEVELS - 1}, "
                 f"got {list(self.levels)}"
@@ -146,7 +151,9 @@ class ScheduleSpec(_Strict):
     momentum: float = Field(default=0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(default=1e-4, ge=0.0, le=1.0)
     warmup_iters: int = Field(default=100, ge=0, le=1_000_000)
-    lr_milestones: tuple[int, ...] = Field(default=(), max_length=16)
+    lr_milestones: tuple[Annotated[int, Field(strict=True, ge=1, le=1000)], ...] = Field(
+        default=(), max_length=16, strict=False
+    )
     lr_gamma: float = Field(default=0.1, gt=0.0, le=1.0)
     grad_clip: float = Field(default=10.0, ge=0.0, le=1e6)
     eval_every: int = Field(default=1, ge=0, le=1000)

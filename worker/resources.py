@@ -47,9 +47,18 @@ def _decide(settings: Settings, kind: type[Row], id_: str, **values: Any) -> Non
     log.info("%s %s: %s %s", kind.__name__, id_, values["state"], values.get("error") or "")
 
 
-def _count_split(root: Path, split: str) -> CocoDetection:
+def _count_split(root: Path, split: str, *, allowed: list[Path]) -> CocoDetection:
+    """The split, once each of its images exists and resolves under an allowed folder: a
+    `file_name` with `..` or a symlink must not make the trainer read files outside them."""
     ds = CocoDetection(root, split, train=False)
-    missing = [ds.image_path(i) for i in range(len(ds)) if not ds.image_path(i).is_file()]
+    paths = [ds.image_path(i) for i in range(len(ds))]
+    outside = [p for p in paths if not any(p.resolve().is_relative_to(a) for a in allowed)]
+    if outside:
+        raise ValueError(
+            f"{len(outside)} {split} image(s) resolve outside the dataset's allowed folders, "
+            f"e.g. {outside[0]}"
+        )
+    missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"{len(missing)} {split} image(s) missing, e.g. {missing[0]}")
     return ds
@@ -74,7 +83,12 @@ def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
                 image_size=shapes.image_size,
                 seed=shapes.seed,
             )
-        train, val = _count_split(root, "train"), _count_split(root, "val")
+        # a registered folder may link into the other allowed roots; the others stay inside
+        allowed = [root.resolve()]
+        if row.kind == "path":
+            allowed += [r.resolve() for r in settings.dataset_roots]
+        train = _count_split(root, "train", allowed=allowed)
+        val = _count_split(root, "val", allowed=allowed)
         if train.class_names != val.class_names:
             raise ValueError(
                 f"train and val name different classes: {train.class_names} vs {val.class_names}"

@@ -191,14 +191,35 @@ def test_spec_rejects_out_of_range_numbers(
     assert reason in message
 
 
+def test_spec_rejects_repeated_distill_levels() -> None:
+    message = rejection(spec(distill__levels=[1, 1]))
+    assert "distill.levels must be distinct FPN level indices in 0..4, got [1, 1]" in message
+
+
 @pytest.mark.parametrize(
-    ("levels", "shown"),
-    [([0, 5], "[0, 5]"), ([1, 1], "[1, 1]"), ([-1], "[-1]")],
+    ("levels", "location", "reason"),
+    [([0, 5], "distill.levels.1", "less than 5"), ([-1], "distill.levels.0", "greater than")],
 )
-def test_spec_rejects_bad_distill_levels(levels: list[int], shown: str) -> None:
+def test_spec_rejects_distill_levels_out_of_range(
+    levels: list[int], location: str, reason: str
+) -> None:
     message = rejection(spec(distill__levels=levels))
-    assert "distill.levels must be distinct FPN level indices in 0..4" in message
-    assert f"got {shown}" in message
+    assert location in message and reason in message
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("schedule__seed", False),
+        ("schedule__lr", "0.1"),
+        ("schedule__epochs", "3"),
+        ("distill__levels", [True]),
+        ("distill__normalize", "yes"),
+    ],
+)
+def test_spec_coerces_nothing(field: str, value: Any) -> None:
+    message = rejection(spec(**{field: value}))
+    assert field.split("__")[0] in message
 
 
 def test_spec_rejects_repeated_task() -> None:
@@ -217,7 +238,7 @@ def test_spec_accepts_neg_iou_equal_to_pos_iou() -> None:
 
 @pytest.mark.parametrize(
     ("milestones", "shown"),
-    [([11, 8], "[11, 8]"), ([8, 13], "[8, 13]"), ([8, 8], "[8, 8]"), ([0], "[0]")],
+    [([11, 8], "[11, 8]"), ([8, 13], "[8, 13]"), ([8, 8], "[8, 8]")],
 )
 def test_spec_rejects_bad_milestones(milestones: list[int], shown: str) -> None:
     message = rejection(spec(schedule__lr_milestones=milestones))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -71,6 +72,35 @@ def test_prepare_path_dataset_counts_and_fails_on_a_missing_image(settings: Sett
     row = read(settings, Dataset, broken)
     assert row.state == "failed"
     assert "1 val image(s) missing" in row.error
+
+
+@pytest.mark.parametrize("escape", ["dotdot", "symlink"])
+def test_prepare_dataset_with_images_outside_its_folder_fails(
+    settings: Settings, tmp_path: Path, escape: str
+) -> None:
+    builtin_id = add_dataset(
+        settings, kind="builtin", path=settings.datasets_dir / "a", source=SHAPES
+    )
+    prepare_dataset(builtin_id, settings=settings)
+    copy = settings.datasets_dir / "b"
+    shutil.copytree(settings.datasets_dir / "a", copy)
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(next(iter((copy / "train").glob("*.png"))).read_bytes())
+    ann_file = copy / "annotations" / "instances_train.json"
+    coco = json.loads(ann_file.read_text())
+    if escape == "dotdot":
+        coco["images"][0]["file_name"] = os.path.relpath(secret, copy / "train")
+    else:
+        (copy / "train" / coco["images"][0]["file_name"]).unlink()
+        (copy / "train" / coco["images"][0]["file_name"]).symlink_to(secret)
+    ann_file.write_text(json.dumps(coco))
+    uploaded = add_dataset(settings, kind="upload", path=copy, source={})
+
+    prepare_dataset(uploaded, settings=settings)
+
+    row = read(settings, Dataset, uploaded)
+    assert row.state == "failed"
+    assert "1 train image(s) resolve outside the dataset's allowed folders" in row.error
 
 
 def test_prepare_dataset_without_annotations_fails(settings: Settings, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from support import Sent, assert_problem
 
 import api.dispatch
+import api.storage
 from api.db.models import Dataset
 from api.queue import PREPARE_DATASET
 from api.settings import Settings
@@ -187,6 +188,22 @@ def test_upload_zip_bomb_is_422(
     bomb = {"train/zeros.bin": bytes(200 * 1024)}  # well under the size cap, ratio ~1000
     response = upload(client, owner_headers, make_zip({**coco_entries(), **bomb}))
     assert_problem(response, 422, "compression ratio")
+    assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
+
+
+def test_upload_zip_with_a_huge_directory_is_422_before_it_is_read(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(api.storage, "MAX_ZIP_DIRECTORY_BYTES", 4096)
+    entries = {f"train/{i:06d}.png": b"" for i in range(100)}  # ~6 KB of directory
+    read = []
+    monkeypatch.setattr(zipfile.ZipFile, "_RealGetContents", lambda self: read.append(self))
+    response = upload(client, owner_headers, make_zip({**coco_entries(), **entries}))
+    assert_problem(response, 422, "too many entries")
+    assert read == []  # refused from the end record alone
     assert not settings.datasets_dir.exists() or not any(settings.datasets_dir.iterdir())
 
 
