@@ -166,6 +166,25 @@ def download(
 
 
 @app.command()
+def tensorboard(
+    job_id: str,
+    port: Annotated[int, typer.Option(help="where TensorBoard listens")] = 6006,
+    host: str = "127.0.0.1",
+) -> None:
+    """Serve a job's TensorBoard scalars (run it where TID_DATA_ROOT is: the worker image)."""
+    import os
+    import re
+
+    if not re.fullmatch(r"[0-9a-f]{32}", job_id):
+        _fail(ValueError(f"not a job id: {job_id!r}"))
+    log_dir = get_settings().jobs_dir / job_id / "tensorboard"
+    if not log_dir.is_dir():
+        _fail(FileNotFoundError(f"no TensorBoard files for job {job_id} under {log_dir.parent}"))
+    cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir)]
+    os.execv(sys.executable, [*cmd, "--host", host, "--port", str(port)])
+
+
+@app.command()
 def demo(
     quick: Annotated[bool, typer.Option(help="tiny budget (a smoke test)")] = False,
     port: int = 8765,

@@ -54,6 +54,7 @@ from tid_core.evaluate import DEFAULT_BACKEND, coco_metrics
 from tid_core.events import EventWriter
 from tid_core.models import DetectorMeta, build_detector, load_checked, save_weights
 from tid_core.rundir import RunDirLocked, lock_run_dir
+from tid_core.scalars import ScalarLog
 from tid_core.spec import BuiltinDataset, DistillSpec, IdDataset, JobSpec, PathWeights
 
 log = logging.getLogger("tid_core.train")
@@ -187,6 +188,7 @@ class Run:
         self.events = EventWriter(run_dir / "events.jsonl" if main else None)
         self.amp = spec.schedule.amp and device.type == "cuda"
         self.progress = Progress()
+        self.scalars = ScalarLog(None)  # opened by `run`, once it knows where it resumes
 
     def setup(self) -> None:
         spec, s = self.spec, self.spec.schedule
@@ -304,6 +306,9 @@ class Run:
 
     def run(self, stop: StopFlag) -> int:
         resumed = self.resume()
+        if dist.is_main_process():
+            purge = self.progress.step + 1 if resumed else None
+            self.scalars = ScalarLog(self.run_dir / "tensorboard", purge_step=purge)
         self.events.emit(
             "start",
             step=self.progress.step,
@@ -377,6 +382,9 @@ class Run:
                         losses=result.losses,
                         stats=result.stats,
                     )
+                    self.scalars.step(
+                        result.step, losses=result.losses, stats=result.stats, lr=result.lr
+                    )
                 if result.stop:
                     self.save_checkpoint(epoch_end=False)
                     self.events.emit("interrupted", step=p.step, epoch=p.epoch, durable=True)
@@ -406,6 +414,7 @@ class Run:
             self.events.emit(
                 "eval", step=self.progress.step, epoch=self.progress.epoch, metrics=metrics
             )
+            self.scalars.eval(self.progress.step, metrics)
             log.info(
                 "epoch %d: AP %.2f AP50 %.2f", self.progress.epoch, metrics["AP"], metrics["AP50"]
             )
@@ -458,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
             log.error("%s", exc)
             return EXIT_RUN_DIR_BUSY
     events = None
+    run: Run | None = None
     try:
         spec = JobSpec.model_validate_json(args.spec.read_text())
         device = pick_device(spec.resources.device)
@@ -484,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if events is not None:
             events.close()
+        if run is not None:
+            run.scalars.close()
         dist.cleanup()
         if lock is not None:
             lock.close()

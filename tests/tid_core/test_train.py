@@ -92,6 +92,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def scalar_steps(run_dir: Path, tag: str) -> list[int]:
+    """The steps of a TensorBoard scalar, over every event file of the run (purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    log = EventAccumulator(str(run_dir / "tensorboard"))
+    log.Reload()
+    return [s.step for s in log.Scalars(tag)]
+
+
 def test_train_writes_every_artifact(tmp_path: Path, dataset: Path) -> None:
     run_dir = tmp_path / "run"
     proc = run_train(write_spec(tmp_path, dataset), run_dir)
@@ -114,6 +123,10 @@ def test_train_writes_every_artifact(tmp_path: Path, dataset: Path) -> None:
         assert path.stat().st_size == ckpt["bytes"]
         assert sha256(path) == ckpt["sha256"]
     assert (run_dir / "checkpoints" / "last.pt").exists()
+
+    assert scalar_steps(run_dir, "loss/loss") == list(range(1, 9))
+    assert scalar_steps(run_dir, "lr") == list(range(1, 9))
+    assert scalar_steps(run_dir, "eval/AP") == [4, 8]
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["backend"] == "faster-coco-eval"
@@ -192,6 +205,7 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path: Path, dataset: Path) ->
     assert steps[-1] == 32 and second[-1]["type"] == "end"
     all_steps = [e["step"] for e in first + second if e["type"] == "step"]
     assert sorted(all_steps) == list(range(1, 33))  # every step exactly once
+    assert scalar_steps(run_dir, "loss/loss") == list(range(1, 33))  # in TensorBoard too
 
 
 def test_non_finite_loss_stops_with_error_event(tmp_path: Path, dataset: Path) -> None:
