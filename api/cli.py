@@ -64,6 +64,18 @@ def worker(concurrency: int = 1) -> None:
 
 
 @app.command()
+def flower(
+    port: Annotated[int, typer.Option(help="where Flower listens")] = 5555,
+    address: str = "127.0.0.1",
+) -> None:
+    """Celery's Flower dashboard: the service queue, its workers and their tasks."""
+    from api.queue import make_celery
+
+    celery = make_celery(get_settings())
+    celery.start(["flower", f"--port={port}", f"--address={address}"])
+
+
+@app.command()
 def reconcile(
     loop: Annotated[bool, typer.Option(help="repeat every TID_RECONCILE_SECONDS")] = False,
 ) -> None:

@@ -43,6 +43,8 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert services["api"]["depends_on"]["postgres"]["condition"] == "service_healthy"
     for name in ("api", "worker", "worker-cpu"):
         assert "data:/data" in services[name]["volumes"]  # one shared artifact volume
+    assert services["flower"]["profiles"] == ["monitor"]
+    assert services["flower"]["command"][:2] == ["tid", "flower"]
 
 
 def test_compose_env_names_are_settings(
