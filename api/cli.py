@@ -108,41 +108,98 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
-def _progress_line(job: dict[str, Any]) -> str:
-    total = job.get("total_steps") or "?"
-    loss = (job.get("latest_metrics") or {}).get("loss")
+def _summary(job: dict[str, Any]) -> str:
     ap = job.get("best_ap")
-    parts = [f"{job['id'][:8]} {job['state']:<9} step {job.get('step', 0)}/{total}"]
-    if loss is not None:
-        parts.append(f"loss {loss:.3f}")
-    if ap is not None:
-        parts.append(f"best AP {ap:.1f}")
-    return "  ".join(parts)
+    best = f"  best AP {ap:.1f}" if ap is not None else ""
+    return f"{job['id']} {job['state']}  step {job.get('step', 0)}/{job.get('total_steps')}{best}"
+
+
+def _follow(client: Client, job_id: str) -> None:
+    """Live progress until the job is final (stderr: stdout keeps only what scripts read)."""
+    from rich.console import Console
+
+    from api.terminal import watch as follow
+
+    job = follow(client, job_id, console=Console(stderr=True))
+    typer.echo(_summary(job), err=True)
+    if job["state"] != "succeeded":
+        _fail(RuntimeError(f"job {job['state']}: {job.get('error')}"))
 
 
 @app.command()
 def submit(
     spec: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help="JobSpec JSON")],
-    wait: Annotated[bool, typer.Option(help="wait until the job is final")] = False,
+    wait: Annotated[bool, typer.Option(help="follow the job until it is final")] = False,
 ) -> None:
-    """Submit a job; prints its id (and waits with progress output with --wait)."""
+    """Submit a job; prints its id (then, with --wait, its live progress)."""
     client = _client()
     try:
         job = client.submit(json.loads(spec.read_text()))
         typer.echo(job["id"])
         if wait:
-            last = [""]
-
-            def show(j: dict[str, Any]) -> None:
-                line = _progress_line(j)
-                if line != last[0]:
-                    typer.echo(line, err=True)
-                    last[0] = line
-
-            job = client.wait_job(job["id"], on_poll=show, interval=2.0)
-            if job["state"] != "succeeded":
-                _fail(RuntimeError(f"job {job['state']}: {job.get('error')}"))
+            _follow(client, job["id"])
     except (ApiError, OSError, ValueError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def watch(job_id: str) -> None:
+    """A job's live progress bar (step, ETA, loss, last AP) until it is final."""
+    try:
+        _follow(_client(), job_id)
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command("ls")
+def list_jobs(
+    state: Annotated[str | None, typer.Option(help="only jobs in this state")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=100)] = 20,
+) -> None:
+    """Your jobs, newest first."""
+    try:
+        jobs = _client().jobs(state=state, limit=limit)["data"]
+    except ApiError as exc:
+        _fail(exc)
+        return
+    typer.echo(f"{'id':<34}{'name':<24}{'method':<8}{'state':<11}{'step':>12}{'best AP':>9}")
+    for job in jobs:
+        ap = f"{job['best_ap']:.1f}" if job.get("best_ap") is not None else "-"
+        step = f"{job.get('step', 0)}/{job.get('total_steps') or '?'}"
+        typer.echo(
+            f"{job['id']:<34}{job['name'][:23]:<24}{job['method']:<8}{job['state']:<11}"
+            f"{step:>12}{ap:>9}"
+        )
+
+
+@app.command()
+def logs(job_id: str, tail: Annotated[int, typer.Option(min=1)] = 200) -> None:
+    """The last lines of a job's trainer log."""
+    try:
+        typer.echo(_client().logs(job_id, tail=tail), nl=False)
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def cancel(job_id: str) -> None:
+    """Cancel a job (a running one stops at its next step; its checkpoints are kept)."""
+    try:
+        typer.echo(_summary(_client().cancel(job_id)))
+    except ApiError as exc:
+        _fail(exc)
+
+
+@app.command()
+def compare(job_ids: list[str]) -> None:
+    """A COCO mAP table of jobs' last evaluations (e.g. a teacher, `none` and `tid`)."""
+    from api.terminal import evaluation_table
+
+    client = _client()
+    try:
+        labels = {f"{client.job(i)['method']}:{i[:5]}": i for i in job_ids}
+        typer.echo(evaluation_table(client, labels))
+    except ApiError as exc:
         _fail(exc)
 
 

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+from httpx_sse import connect_sse
 
 FINAL = ("succeeded", "failed", "cancelled")
+RECONNECT_SECONDS = 2.0
 
 
 class ApiError(RuntimeError):
@@ -58,6 +60,38 @@ class Client:
 
     def metrics(self, job_id: str) -> Any:
         return self.request("GET", f"/v1/jobs/{job_id}/metrics")
+
+    def jobs(self, *, state: str | None = None, limit: int = 20) -> Any:
+        params: dict[str, Any] = {"limit": limit, **({"state": state} if state else {})}
+        return self.request("GET", "/v1/jobs", params=params)
+
+    def logs(self, job_id: str, *, tail: int = 200) -> str:
+        response = self._check(self.http.get(f"/v1/jobs/{job_id}/logs", params={"tail": tail}))
+        return response.text
+
+    def cancel(self, job_id: str) -> Any:
+        return self.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+    def events(self, job_id: str, *, after: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(type, data) of the job's events from its SSE stream, until the job is final and
+        every event is sent. A dropped connection is resumed after the last event seen."""
+        while True:
+            try:
+                with connect_sse(
+                    self.http,
+                    "GET",
+                    f"/v1/jobs/{job_id}/events",
+                    headers={"Last-Event-ID": str(after)},
+                ) as source:
+                    if source.response.status_code >= 400:
+                        source.response.read()
+                        raise ApiError(source.response)
+                    for event in source.iter_sse():
+                        after = int(event.id)
+                        yield event.event, event.json()
+                return  # the server ends the stream once the job is final
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.ReadTimeout):
+                time.sleep(RECONNECT_SECONDS)
 
     def create_dataset(self, body: dict[str, Any]) -> Any:
         return self.request("POST", "/v1/datasets", json=body)

@@ -24,6 +24,7 @@ from typing import Any
 
 from api.client import ApiError, Client
 from api.settings import get_settings
+from api.terminal import evaluation_table
 from tid_core import recipes
 
 
@@ -149,16 +150,6 @@ def _run(client: Client, label: str, spec: dict[str, Any]) -> dict[str, Any]:
     return dict(job)
 
 
-def _table(client: Client, jobs: dict[str, dict[str, Any]]) -> str:
-    """The mAP table from each job's last evaluation, as the API reports it."""
-    names = dict(zip(("ap", "ap50", "ap75", "aps", "apm", "apl"), recipes.METRICS, strict=True))
-    rows = {}
-    for label, job in jobs.items():
-        last = client.metrics(job["id"])["evaluations"][-1]
-        rows[label] = {names[k]: last[k] for k in names}
-    return recipes.format_table(rows)
-
-
 def run_demo(*, quick: bool, port: int) -> int:
     from tid_core.models import load_student
 
@@ -188,5 +179,5 @@ def run_demo(*, quick: bool, port: int) -> int:
             flush=True,
         )
         print("\nCOCO mAP on the synthetic val split (percent), from the API:\n")
-        print(_table(client, jobs), flush=True)
+        print(evaluation_table(client, {k: j["id"] for k, j in jobs.items()}), flush=True)
     return 0

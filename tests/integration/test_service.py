@@ -117,7 +117,27 @@ def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
     submitted = tid("submit", str(spec), "--wait")
     assert submitted.returncode == 0, submitted.stderr + stack.log("worker")
     job_id = submitted.stdout.strip()
-    assert "succeeded" in submitted.stderr  # progress lines go to stderr
+    # live progress goes to stderr: every state change, the evaluation, a final summary
+    progress = submitted.stderr
+    assert progress.index("state running") < progress.index("epoch 1: AP")
+    assert progress.index("epoch 1: AP") < progress.index("state succeeded")
+    assert progress.splitlines()[-1].startswith(f"{job_id} succeeded  step 2/2")
+    watched = tid("watch", job_id)  # a finished job: its whole history, then the summary
+    assert watched.returncode == 0 and "state succeeded" in watched.stderr
+    listed = tid("ls")
+    assert listed.returncode == 0
+    (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
+    assert row.split()[1:5] == ["cli", "none", "succeeded", "2/2"]
+    compared = tid("compare", job_id)
+    assert compared.returncode == 0
+    header, _, line = compared.stdout.splitlines()[:3]
+    assert header.split() == ["job", "AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert line.startswith(f"none:{job_id[:5]}")
+    logs = tid("logs", job_id, "--tail", "2")
+    assert logs.returncode == 0 and len(logs.stdout.splitlines()) == 2
+    assert "epoch 1: AP" in logs.stdout.splitlines()[-1]
+    again = tid("cancel", job_id)
+    assert again.returncode == 1 and f"409 job {job_id} is already succeeded" in again.stderr
     status = json.loads(tid("status", job_id).stdout)
     assert status["state"] == "succeeded" and status["step"] == 2
     out = tmp_path / "w.safetensors"
