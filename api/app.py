@@ -15,7 +15,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import metrics, problems
+from api import dashboard, metrics, problems
 from api.db.migrate import check_migrated
 from api.queue import make_celery
 from api.routes import datasets, health, jobs, models
@@ -87,4 +87,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, jobs, datasets, models):
         app.include_router(module.router)
     metrics.install(app, resolved)
+    dashboard.install(app)
     return app

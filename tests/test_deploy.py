@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
+import sys
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -114,3 +117,36 @@ def test_dockerfile_installs_like_the_makefile(dockerfile: Path) -> None:
             assert "core" not in docker_extras  # the API image never gets torch
         else:
             assert {"core", "service"} <= docker_extras
+
+
+@pytest.mark.slow
+def test_the_installed_package_carries_its_migrations_and_dashboard(tmp_path: Path) -> None:
+    """The images install the project as a wheel (not editable): what `tid db upgrade` and
+    the dashboard read must be in it."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for path in (
+        "api/db/migrations/env.py",
+        "api/static/index.html",
+        "api/static/app.js",
+        "api/static/vendor/uplot/uPlot.iife.min.js",
+    ):
+        assert path in names, path
+    versions = {p.name for p in (ROOT / "api/db/migrations/versions").glob("*.py")}
+    assert {f"api/db/migrations/versions/{v}" for v in versions} <= names

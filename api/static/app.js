@@ -1,0 +1,358 @@
+// The TID dashboard: jobs, a job's live plots, compare. Plain JS over the REST API (no build);
+// the job page follows the job's Server-Sent Events (read with fetch, which can send the key).
+"use strict";
+
+const KEY = "tid.apiKey";
+const FINAL = ["succeeded", "failed", "cancelled"];
+const PALETTE = ["#2f5bea", "#e8590c", "#2b8a3e", "#c2255c", "#7048e8", "#0b7285", "#5c940d"];
+const EXAMPLE_SPEC = {
+  name: "my-job",
+  student: { arch: "fcos", backbone: "resnet18", fpn_channels: 64 },
+  dataset: { builtin: "shapes", num_train: 64, num_val: 16, image_size: 64 },
+  schedule: { epochs: 2, batch_size: 8, log_every: 1 },
+  resources: { num_workers: 0 },
+};
+let leave = () => {};  // stops the current page's streams and timers
+
+// --- helpers --------------------------------------------------------------------------------
+
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v;
+    else if (k.startsWith("on")) node.addEventListener(k.slice(2), v);
+    else node.setAttribute(k, v);
+  }
+  for (const child of children.flat()) {
+    node.append(child instanceof Node ? child : document.createTextNode(String(child ?? "")));
+  }
+  return node;
+}
+
+class ApiError extends Error {}
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, ...options.headers };
+  const response = await fetch(path, { ...options, headers });
+  if (response.ok) return response;
+  let detail = response.statusText;
+  try { detail = (await response.json()).detail || detail; } catch (_) { /* not JSON */ }
+  if (response.status === 401) {  // a wrong or revoked key: back to the login form
+    sessionStorage.removeItem(KEY);
+    if (!document.getElementById("login-form")) route();
+  }
+  throw new ApiError(`${response.status} ${detail}`);
+}
+
+const json = async (path, options) => (await api(path, options)).json();
+const fmt = (v, digits = 1) => (v === null || v === undefined ? "-" : Number(v).toFixed(digits));
+const stateBadge = (state) => el("span", { class: `state ${state}`, "data-state": state }, state);
+
+function duration(job) {
+  if (!job.started_at) return "-";
+  const end = job.finished_at ? new Date(job.finished_at) : new Date();
+  const s = Math.round((end - new Date(job.started_at)) / 1000);
+  return s < 120 ? `${s} s` : s < 7200 ? `${Math.round(s / 60)} min` : `${(s / 3600).toFixed(1)} h`;
+}
+
+function modelName(m) {
+  return m ? `${m.arch} ${m.backbone}-FPN${m.fpn_channels ?? ""}` : "-";
+}
+
+// Server-Sent Events over fetch: EventSource cannot send an Authorization header.
+async function followEvents(jobId, onEvent, signal) {
+  let after = 0;
+  while (!signal.aborted) {
+    try {
+      const response = await api(`/v1/jobs/${jobId}/events`, {
+        headers: { "Last-Event-ID": String(after) }, signal,
+      });
+      const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) return;  // the server ends the stream once the job is final
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\n\n")) >= 0) {
+          const frame = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const fields = {};
+          for (const line of frame.split("\n")) {
+            const at = line.indexOf(":");
+            if (at > 0) fields[line.slice(0, at)] = line.slice(at + 1).trimStart();
+          }
+          if (fields.data === undefined) continue;  // a keep-alive comment
+          after = Number(fields.id);
+          onEvent(fields.event, JSON.parse(fields.data));
+        }
+      }
+    } catch (err) {
+      if (signal.aborted || err instanceof ApiError) return;
+      await new Promise((r) => setTimeout(r, 2000));  // dropped: resume after the last event
+    }
+  }
+}
+
+// A uPlot chart whose series grow; `data-points` tells tests (and curious people) its size.
+class Chart {
+  constructor(parent, title, { xLabel = "step", log = false } = {}) {
+    this.box = el("div", { class: "card chart", "data-title": title, "data-points": "0" },
+      el("h2", {}, title));
+    this.box.hidden = true;  // until it has a point: a plain-training job has no TID terms
+    parent.append(this.box);
+    this.xLabel = xLabel;
+    this.log = log;
+    this.names = [];
+    this.rows = new Map();  // x -> {name: y}
+    this.plot = null;
+    new ResizeObserver(() => this.plot?.setSize(this.size())).observe(this.box);
+  }
+
+  size() { return { width: Math.max(280, this.box.clientWidth - 34), height: 240 }; }
+
+  add(x, values) {
+    const row = this.rows.get(x) || {};
+    for (const [name, y] of Object.entries(values)) {
+      if (typeof y !== "number" || !Number.isFinite(y)) continue;
+      if (!this.names.includes(name)) { this.names.push(name); this.reset(); }
+      row[name] = y;
+    }
+    this.rows.set(x, row);
+    this.dirty = true;
+  }
+
+  reset() { if (this.plot) { this.plot.destroy(); this.plot = null; } }
+
+  draw() {
+    if (!this.dirty || !this.names.length) return;
+    this.dirty = false;
+    this.box.hidden = false;
+    const xs = [...this.rows.keys()].sort((a, b) => a - b);
+    const data = [xs, ...this.names.map((n) => xs.map((x) => this.rows.get(x)[n] ?? null))];
+    if (!this.plot) {
+      this.plot = new uPlot({
+        ...this.size(),
+        scales: { x: { time: false }, y: this.log ? { distr: 3 } : {} },
+        axes: [{ label: this.xLabel }, {}],
+        series: [{ label: this.xLabel }, ...this.names.map((n, i) => ({
+          label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
+          points: { show: xs.length < 60 },
+        }))],
+      }, data, this.box);
+    } else {
+      this.plot.setData(data);
+    }
+    this.box.dataset.points = String(xs.length);
+  }
+}
+
+// --- pages ----------------------------------------------------------------------------------
+
+function login(view) {
+  view.replaceChildren(document.getElementById("login").content.cloneNode(true));
+  document.getElementById("login-form").addEventListener("submit", async (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY, document.getElementById("api-key").value.trim());
+    try {
+      await json("/v1/jobs?limit=1");
+      route();
+    } catch (err) {
+      document.getElementById("login-error").textContent = `Key refused: ${err.message}`;
+    }
+  });
+}
+
+async function jobsPage(view) {
+  const body = el("tbody");
+  const error = el("p", { class: "error", role: "alert" });
+  const spec = el("textarea", { id: "spec", spellcheck: "false" },
+    JSON.stringify(EXAMPLE_SPEC, null, 2));
+  const form = el("form", { id: "submit-form" }, spec,
+    el("div", { class: "actions" }, el("button", { type: "submit" }, "Submit job")), error);
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    error.textContent = "";
+    try {
+      const job = await json("/v1/jobs", {
+        method: "POST", body: spec.value, headers: { "Content-Type": "application/json" },
+      });
+      location.hash = `#/jobs/${job.id}`;
+    } catch (err) { error.textContent = err.message; }
+  });
+  const selected = new Set();
+  const compare = el("button", { class: "secondary", disabled: "" , onclick: () => {
+    location.hash = `#/compare?ids=${[...selected].join(",")}`;
+  } }, "Compare selected");
+  view.replaceChildren(
+    el("h1", {}, "Jobs"),
+    el("div", { class: "actions" }, compare),
+    el("table", { id: "jobs" }, el("thead", {}, el("tr", {},
+      el("th", {}, ""), el("th", {}, "name"), el("th", {}, "state"), el("th", {}, "method"),
+      el("th", {}, "teacher → student"), el("th", { class: "num" }, "best mAP"),
+      el("th", { class: "num" }, "step"), el("th", { class: "num" }, "duration"))), body),
+    el("h2", {}, "Submit a job spec"), el("div", { class: "card" }, form),
+  );
+  async function refresh() {
+    const { data } = await json("/v1/jobs?limit=100");
+    body.replaceChildren(...data.map((job) => {
+      const box = el("input", { type: "checkbox", "aria-label": `select ${job.name}` });
+      box.checked = selected.has(job.id);
+      box.addEventListener("change", () => {
+        box.checked ? selected.add(job.id) : selected.delete(job.id);
+        compare.disabled = selected.size < 1;
+      });
+      return el("tr", { "data-job": job.id },
+        el("td", {}, box),
+        el("td", {}, el("a", { href: `#/jobs/${job.id}` }, job.name)),
+        el("td", {}, stateBadge(job.state)),
+        el("td", {}, job.method),
+        el("td", {}, `${modelName(job.spec.teacher)} → ${modelName(job.spec.student)}`),
+        el("td", { class: "num" }, fmt(job.best_ap)),
+        el("td", { class: "num" }, `${job.step}/${job.total_steps ?? "?"}`),
+        el("td", { class: "num" }, duration(job)));
+    }));
+  }
+  await refresh();
+  const timer = setInterval(() => refresh().catch(() => {}), 5000);
+  leave = () => clearInterval(timer);
+}
+
+async function jobPage(view, jobId) {
+  const job = await json(`/v1/jobs/${jobId}`);
+  const state = el("span", {}, stateBadge(job.state));
+  const facts = el("div", { class: "facts" });
+  const timeline = el("ol", { class: "timeline", id: "timeline" });
+  const logs = el("pre", { class: "logs", id: "logs" });
+  const error = el("p", { class: "error", role: "alert" }, job.error || "");
+  const charts = el("div", { class: "grid" });
+  const loss = new Chart(charts, "loss terms");
+  const lr = new Chart(charts, "learning rate");
+  const map = new Chart(charts, "mAP per evaluation");
+  const areas = new Chart(charts, "TID key / weak area fractions");
+  const cancel = el("button", { class: "secondary", id: "cancel", onclick: async () => {
+    try { await json(`/v1/jobs/${jobId}/cancel`, { method: "POST" }); }
+    catch (err) { error.textContent = err.message; }
+  } }, "Cancel");
+  const downloads = ["student.safetensors", "student.pt"].map((name) => el("button", {
+    class: "secondary download", "data-artifact": name, onclick: () => download(jobId, name, error),
+  }, `Download ${name}`));
+  let current = job;
+  function showFacts() {
+    cancel.disabled = FINAL.includes(current.state);
+    for (const b of downloads) b.disabled = current.state !== "succeeded";
+    facts.replaceChildren(
+      el("span", {}, "method ", el("b", {}, current.method)),
+      el("span", {}, "teacher ", el("b", {}, modelName(current.spec.teacher))),
+      el("span", {}, "student ", el("b", {}, modelName(current.spec.student))),
+      el("span", {}, "step ", el("b", { id: "step" }, `${current.step}/${current.total_steps ?? "?"}`)),
+      el("span", {}, "attempt ", el("b", {}, `${current.attempt} of ${current.max_attempts}`)),
+      el("span", {}, "best mAP ", el("b", { id: "best-ap" }, fmt(current.best_ap))),
+      el("span", {}, "duration ", el("b", {}, duration(current))));
+  }
+  showFacts();
+  view.replaceChildren(
+    el("h1", {}, `${job.name} `, state), facts,
+    el("div", { class: "actions" }, cancel, ...downloads), error, charts,
+    el("div", { class: "grid" },
+      el("div", { class: "card" }, el("h2", {}, "state timeline"), timeline),
+      el("div", { class: "card" }, el("h2", {}, "trainer log"), logs)));
+
+  const controller = new AbortController();
+  const draw = setInterval(() => [loss, lr, map, areas].forEach((c) => c.draw()), 500);
+  async function refresh() {
+    current = await json(`/v1/jobs/${jobId}`);
+    state.replaceChildren(stateBadge(current.state));
+    error.textContent = current.error || "";
+    showFacts();
+    logs.textContent = await (await api(`/v1/jobs/${jobId}/logs?tail=80`)).text();
+  }
+  const poll = setInterval(() => refresh().catch(() => {}), 3000);
+  leave = () => { controller.abort(); clearInterval(draw); clearInterval(poll); };
+  refresh().catch(() => {});
+  followEvents(jobId, (kind, data) => {
+    if (kind === "state") {
+      const why = data.error || data.reason;
+      timeline.append(el("li", {}, stateBadge(data.state), why ? ` ${why}` : ""));
+      refresh().catch(() => {});
+    } else if (kind === "step") {
+      loss.add(data.step, data.losses || {});
+      lr.add(data.step, { lr: data.lr });
+      const stats = data.stats || {};
+      if ("tid_key_frac" in stats) {
+        areas.add(data.step, { key: stats.tid_key_frac, weak: stats.tid_weak_frac });
+      }
+    } else if (kind === "eval") {
+      const m = data.metrics || {};
+      map.add(data.step, { AP: m.AP, AP50: m.AP50, AP75: m.AP75 });
+    } else if (["start", "interrupted", "end", "error"].includes(kind)) {
+      timeline.append(el("li", { class: "muted" }, `${kind} at step ${data.step}`));
+    }
+  }, controller.signal);
+}
+
+async function download(jobId, name, error) {
+  try {
+    const blob = await (await api(`/v1/jobs/${jobId}/artifacts/${name}`)).blob();
+    const link = el("a", { href: URL.createObjectURL(blob), download: name });
+    document.body.append(link);
+    link.click();
+    link.remove();
+  } catch (err) { error.textContent = err.message; }
+}
+
+async function comparePage(view, ids) {
+  const charts = el("div", {});
+  view.replaceChildren(el("h1", {}, "Compare"), el("p", { class: "muted" },
+    "mAP of each job's evaluations by epoch. Select jobs on the Jobs page."), charts);
+  if (!ids.length) return;
+  const chart = new Chart(charts, "mAP (AP) per epoch", { xLabel: "epoch" });
+  const table = el("tbody");
+  charts.append(el("table", { id: "compare" }, el("thead", {}, el("tr", {},
+    el("th", {}, "job"), el("th", {}, "method"), el("th", { class: "num" }, "AP"),
+    el("th", { class: "num" }, "AP50"), el("th", { class: "num" }, "AP75"))), table));
+  for (const id of ids) {
+    const [job, metrics] = await Promise.all([
+      json(`/v1/jobs/${id}`), json(`/v1/jobs/${id}/metrics?name=eval/AP`),
+    ]);
+    const label = `${job.name} (${job.method})`;
+    for (const e of metrics.evaluations) chart.add(e.epoch, { [label]: e.ap });
+    const last = metrics.evaluations.at(-1) || {};
+    table.append(el("tr", {}, el("td", {}, label), el("td", {}, job.method),
+      el("td", { class: "num" }, fmt(last.ap)), el("td", { class: "num" }, fmt(last.ap50)),
+      el("td", { class: "num" }, fmt(last.ap75))));
+  }
+  chart.draw();
+}
+
+// --- routing --------------------------------------------------------------------------------
+
+async function route() {
+  leave();
+  leave = () => {};
+  const view = document.getElementById("view");
+  const loggedIn = Boolean(sessionStorage.getItem(KEY));
+  document.getElementById("logout").hidden = !loggedIn;
+  if (!loggedIn) return login(view);
+  const [path, query] = location.hash.slice(1).split("?");
+  try {
+    const job = path.match(/^\/jobs\/([0-9a-f]{32})$/);
+    if (job) return await jobPage(view, job[1]);
+    if (path === "/compare") {
+      const ids = new URLSearchParams(query || "").get("ids");
+      return await comparePage(view, ids ? ids.split(",") : []);
+    }
+    return await jobsPage(view);
+  } catch (err) {
+    if (sessionStorage.getItem(KEY)) {  // else the login form is already showing
+      view.replaceChildren(el("p", { class: "error", role: "alert" }, err.message));
+    }
+  }
+}
+
+document.getElementById("logout").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY);
+  route();
+});
+window.addEventListener("hashchange", route);
+route();
