@@ -34,6 +34,11 @@ def tiny_spec(dataset_id: str, name: str, **overrides: Any) -> dict[str, Any]:
     return spec
 
 
+def teacher_of(job_id: str) -> dict[str, Any]:
+    """The spec's teacher entry for the student exported by a finished `tiny_spec` job."""
+    return {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64, "weights": {"job": job_id}}
+
+
 def make_dataset(client: Client, *, num_train: int = 16, num_val: int = 4) -> str:
     body = {
         "name": "tiny",

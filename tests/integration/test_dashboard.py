@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_jobs import make_dataset, tiny_spec
+from service_jobs import make_dataset, teacher_of, tiny_spec
 
 from tid_core.models import load_student
 
@@ -57,12 +57,7 @@ def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path
     spec = tiny_spec(  # from the page: 2 epochs of 4 steps, an evaluation after each
         dataset_id,
         "tid-student",
-        teacher={
-            "arch": "fcos",
-            "backbone": "resnet18",
-            "fpn_channels": 64,
-            "weights": {"job": teacher["id"]},
-        },
+        teacher=teacher_of(teacher["id"]),
         distill={"method": "tid", "distill_warmup_iters": 2},
     )
 

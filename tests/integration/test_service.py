@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from service_jobs import make_dataset, tiny_spec
+from service_jobs import make_dataset, teacher_of, tiny_spec
 
 from tid_core.models import load_student
 
@@ -42,12 +42,7 @@ def test_submit_train_distill_download(stack: Any, tmp_path: Path) -> None:
         tiny_spec(
             dataset_id,
             "student",
-            teacher={
-                "arch": "fcos",
-                "backbone": "resnet18",
-                "fpn_channels": 64,
-                "weights": {"job": teacher["id"]},
-            },
+            teacher=teacher_of(teacher["id"]),
             distill={"method": "tid", "distill_warmup_iters": 2},
         )
     )

@@ -241,6 +241,12 @@ def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: P
     assert "num_classes=3" in error["message"] and "num_classes=5" in error["message"]
 
 
+def start_train(spec: Path, run_dir: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 def wait_for_event(
     proc: subprocess.Popen[str], events_file: Path, match: Callable[[dict[str, Any]], bool]
 ) -> list[dict[str, Any]]:
@@ -278,9 +284,7 @@ def test_sigterm_during_evaluation_abandons_it_and_the_rerun_evaluates_first(
     spec = write_spec(tmp_path, dataset, schedule={"batch_size": 1})
     run_dir = tmp_path / "run"
     events_file = run_dir / "events.jsonl"
-    proc = subprocess.Popen(
-        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_train(spec, run_dir)
     wait_for_event(proc, events_file, lambda e: e["type"] == "phase" and e["phase"] == "eval")
     proc.send_signal(signal.SIGSTOP)  # hold it inside the evaluation while the signal arrives
     proc.send_signal(signal.SIGTERM)
@@ -307,9 +311,7 @@ def test_checkpoint_write_failure_fails_clearly_and_keeps_the_previous_checkpoin
     spec = write_spec(tmp_path, dataset, schedule={"eval_every": 0})
     run_dir = tmp_path / "run"
     events_file = run_dir / "events.jsonl"
-    proc = subprocess.Popen(
-        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
+    proc = start_train(spec, run_dir)
     (*_, saved) = wait_for_event(proc, events_file, lambda e: e["type"] == "checkpoint")
     # from now on every write past 1 MB fails (EFBIG), as a full disk fails with ENOSPC
     resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
