@@ -29,7 +29,7 @@ EVALUATION_COLUMNS = ("ap", "ap50", "ap75", "aps", "apm", "apl")  # in the order
 def _bar(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"),
-        TextColumn("{task.fields[state]:<9}"),
+        TextColumn("{task.fields[state]:<9} epoch {task.fields[epoch]}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -44,12 +44,14 @@ def watch(client: Client, job_id: str, *, console: Console) -> dict[str, Any]:
     """Follow `job_id` until it is final; returns the job as the API has it then."""
     job = client.job(job_id)
     ap = "-" if job.get("best_ap") is None else f"{job['best_ap']:.1f}"
+    epochs = job["spec"]["schedule"]["epochs"]
     with _bar(console) as progress:
         task = progress.add_task(
             f"{job['name']} ({job_id[:8]})",
             total=job.get("total_steps"),
             completed=job.get("step", 0),
             state=job["state"],
+            epoch=f"-/{epochs}",
             loss="-",
             ap=ap,
         )
@@ -64,7 +66,7 @@ def watch(client: Client, job_id: str, *, console: Console) -> dict[str, Any]:
                 progress.update(task, state=data["phase"])
             elif kind == "step":
                 loss = data.get("losses", {}).get("loss")
-                progress.update(task, completed=data["step"])
+                progress.update(task, completed=data["step"], epoch=f"{data['epoch'] + 1}/{epochs}")
                 if isinstance(loss, int | float):
                     progress.update(task, loss=f"{loss:.3f}")
             elif kind == "eval":
