@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-faults lint typecheck unit demo demo-local clean
+.PHONY: venv test test-faults lint typecheck unit bench bench-full demo demo-local clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,20 @@ test: lint typecheck unit
 # the fault matrix (docs/RELIABILITY.md): minutes, on private PostgreSQL/Redis servers
 test-faults: venv
 	$(PY) -m pytest -q -m faults tests/integration/test_faults.py
+
+# benchmarks (docs/BENCHMARKS.md): `bench` is a smoke run of each script at tiny sizes,
+# `bench-full` the documented sizes, with the figures in var/bench/*.json. PYTHONPATH: the
+# scripts run this checkout's code even where the venv's editable install points elsewhere.
+BENCH := overhead coco_eval api ddp
+
+bench: venv
+	@for b in $(BENCH); do echo "== bench/$$b.py --quick"; \
+	  PYTHONPATH=$(CURDIR) $(PY) bench/$$b.py --quick || exit 1; done
+
+bench-full: venv
+	@mkdir -p var/bench
+	@for b in $(BENCH); do echo "== bench/$$b.py"; \
+	  PYTHONPATH=$(CURDIR) $(PY) bench/$$b.py --json var/bench/$$b.json || exit 1; done
 
 demo: venv
 	$(VENV)/bin/tid demo

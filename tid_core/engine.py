@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -112,22 +113,31 @@ def train_one_epoch(
     amp: bool,
     stop: StopFlag,
 ) -> Iterator[StepResult]:
-    """Yield after every step. Loss terms and the stop flag are all-reduced in one collective,
-    so every rank sees the same values and stops (or fails) at the same step."""
+    """Yield after every step. Loss terms, stats and the stop flag are all-reduced in one
+    collective, so every rank sees the same values and stops (or fails) at the same step.
+    `stats["data_wait"]` is the seconds the step waited for its batch: the loader's share of
+    the step time, which tells whether more loader workers would help."""
     model.train()
     step = start_step
     params = [p for p in model.parameters() if p.requires_grad]
-    for batch in loader:
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        if batch is None:
+            return
+        data_wait = time.perf_counter() - asked
         step += 1
         images, targets = _to_device(batch, device)
         with autocast(device, amp):
             losses, stats = model(images, targets, distill_scale(step))
         total = torch.stack([v.float() for v in losses.values()]).sum()
-        names = list(losses) + list(stats)
+        names = [*losses, *stats, "data_wait"]
         local = torch.stack(
             [total.detach()]
             + [v.detach().float() for v in losses.values()]
             + [v.detach().float() for v in stats.values()]
+            + [torch.tensor(data_wait, device=total.device)]
             + [torch.tensor(float(stop.requested), device=total.device)]
         )
         reduced = dist.all_reduce_mean(local).tolist()
@@ -146,7 +156,7 @@ def train_one_epoch(
         yield StepResult(
             step=step,
             losses={k: values[k] for k in ["loss", *losses]},
-            stats={k: values[k] for k in stats},
+            stats={k: values[k] for k in [*stats, "data_wait"]},
             lr=lr,
             stop=reduced[-1] > 0,
             images=len(images) * dist.get_world_size(),

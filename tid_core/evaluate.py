@@ -24,7 +24,7 @@ Backend = Literal["faster-coco-eval", "pycocotools"]
 DEFAULT_BACKEND: Final[Backend] = "faster-coco-eval"
 
 # The leading entries of COCO's summarize() stats, in its fixed order.
-_STAT_NAMES: Final = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+STAT_NAMES: Final = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_metrics(
@@ -52,7 +52,7 @@ def coco_metrics(
         coco_eval.summarize()
 
     result: dict[str, Any] = {
-        name: _percent(float(coco_eval.stats[i])) for i, name in enumerate(_STAT_NAMES)
+        name: _percent(float(coco_eval.stats[i])) for i, name in enumerate(STAT_NAMES)
     }
     result["per_class"] = _per_class_ap(coco_eval)
     result["backend"] = backend

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,8 @@ def test_distill_ramp_without_warmup_is_loss_weight(step: int) -> None:
 
 # ---- train_one_epoch ----------------------------------------------------------------------------
 
-Batches = list[tuple[list[Tensor], list[dict[str, Tensor]]]]
+Batch = tuple[list[Tensor], list[dict[str, Tensor]]]
+Batches = list[Batch]
 
 
 class ToyModel(nn.Module):
@@ -101,7 +103,7 @@ def batches(count: int) -> Batches:
 
 
 def run(
-    model: ToyModel, loader: Batches, stop: StopFlag, *, start_step: int = 0
+    model: ToyModel, loader: Iterable[Batch], stop: StopFlag, *, start_step: int = 0
 ) -> Iterator[StepResult]:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: 0.5**it)
@@ -131,11 +133,23 @@ def test_train_one_epoch_steps_and_reports_each_step() -> None:
     assert results[1].losses["a"] == pytest.approx(5.0 * 0.8**2)
     assert results[2].losses["a"] == pytest.approx(5.0 * (0.8 * 0.9) ** 2)
     assert [r.lr for r in results] == pytest.approx([0.1, 0.05, 0.025])
-    assert [r.stats for r in results] == [{"s": 1.0}, {"s": 2.0}, {"s": 3.0}]
+    assert [r.stats["s"] for r in results] == [1.0, 2.0, 3.0]
+    assert all(set(r.stats) == {"s", "data_wait"} for r in results)
     assert all(r.images == 2 for r in results)
     assert not any(r.stop for r in results)
     expected = torch.tensor([1.0, -2.0]) * 0.8 * 0.9 * 0.95
     torch.testing.assert_close(model.weight.detach(), expected)
+
+
+def test_train_one_epoch_reports_time_waited_for_each_batch() -> None:
+    def slow_second_batch() -> Iterator[Batch]:
+        first, second = batches(2)
+        yield first
+        time.sleep(0.2)
+        yield second
+
+    results = list(run(ToyModel(), slow_second_batch(), StopFlag()))
+    assert results[1].stats["data_wait"] >= 0.2 > results[0].stats["data_wait"]
 
 
 def test_train_one_epoch_raises_on_nan_loss_without_stepping() -> None:

@@ -1,0 +1,243 @@
+"""Data-parallel scaling of the trainer: one small job under torchrun with nproc_per_node 1 and 2
+on CPU (gloo), or 1..number of GPUs with `--device cuda`.
+
+Each run is `python -m torch.distributed.run --standalone --nproc-per-node N -m tid_core.train
+--spec SPEC --run-dir DIR` on one pre-generated shapes dataset, as the worker starts it. The
+batch size is per process (as in the service), so N processes train N times the images per
+step. Every step is logged; the steady-state step time is read from the `time` of the `step`
+events in DIR/events.jsonl after the first `--skip` steps, and the data-loading share from their
+`data_wait` stat (time waiting for the next batch, mean over ranks). On CPU every run gets the
+same cores in total: OMP_NUM_THREADS = cores / N. Runs alternate N within rounds; figures are
+medians of rounds.
+
+    python bench/ddp.py [--quick] [--device cuda] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tid_core.data.synthetic import generate_shapes
+from tid_core.events import read_events
+from tid_core.spec import JobSpec
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def job_spec(args: argparse.Namespace, dataset: Path, nproc: int) -> JobSpec:
+    """The benchmark's job; only `resources.nproc_per_node` differs between runs."""
+    return JobSpec.model_validate(
+        {
+            "name": f"ddp-bench-{nproc}",
+            "student": {"arch": "fcos", "backbone": args.backbone, "fpn_channels": args.fpn},
+            "dataset": {"path": str(dataset), "input_size": args.image_size},
+            "schedule": {
+                "epochs": 1,
+                "batch_size": args.batch_size,
+                "warmup_iters": 0,
+                "log_every": 1,
+                "eval_every": 0,
+                "amp": args.device == "cuda",
+            },
+            "resources": {
+                "nproc_per_node": nproc,
+                "device": args.device,
+                "num_workers": args.num_workers,
+            },
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How one run is launched: processes and intra-op threads per process."""
+
+    nproc: int
+    threads: int
+    reference: bool = False  # the one-thread reference run
+
+    @property
+    def key(self) -> str:
+        return "nproc1_1thread" if self.reference else f"nproc{self.nproc}"
+
+
+def setups(args: argparse.Namespace) -> list[Setup]:
+    """Each nproc with cores / nproc threads; on CPU also one process with one thread, the
+    reference that shows whether threads or processes use the cores better."""
+    runs = [Setup(n, max(1, args.cores // n)) for n in args.nprocs]
+    if args.device == "cpu" and args.cores > 1 and 1 in args.nprocs:
+        runs.append(Setup(1, 1, reference=True))
+    return runs
+
+
+def train_once(
+    args: argparse.Namespace, dataset: Path, work: Path, setup: Setup
+) -> dict[str, float]:
+    """One torchrun run; its steady-state step time, data-wait share and wall time."""
+    nproc = setup.nproc
+    run_dir = work / f"run-{setup.key}-{time.monotonic_ns()}"
+    run_dir.mkdir()
+    spec_path = run_dir / "spec.json"
+    spec_path.write_text(job_spec(args, dataset, nproc).model_dump_json())
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": str(setup.threads),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "tid_core.train",
+        "--spec",
+        str(spec_path),
+        "--run-dir",
+        str(run_dir),
+    ]
+    start = time.perf_counter()
+    with (run_dir / "train.log").open("wb") as out:
+        code = subprocess.run(
+            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+        ).returncode
+    wall = time.perf_counter() - start
+    if code != 0:
+        log = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"{setup.key}: the trainer exited {code}:\n{log}")
+    steps = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "step"]
+    steady = steps[args.skip :]
+    if len(steady) < 2:
+        raise ValueError(f"{setup.key}: {len(steps)} steps, need more than --skip {args.skip}")
+    step_s = (steady[-1]["time"] - steady[0]["time"]) / (steady[-1]["step"] - steady[0]["step"])
+    data_wait = statistics.mean(e["stats"]["data_wait"] for e in steady[1:])
+    return {"step_s": step_s, "data_frac": data_wait / step_s, "wall_s": wall}
+
+
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    runs: dict[Setup, list[dict[str, float]]] = {setup: [] for setup in setups(args)}
+    with tempfile.TemporaryDirectory() as tmp:
+        dataset = generate_shapes(
+            Path(tmp) / "shapes",
+            # every run trains one epoch; N processes share it, so it takes steps/N steps
+            num_train=args.steps * args.batch_size,
+            num_val=args.batch_size,
+            image_size=args.image_size,
+            seed=0,
+        )
+        for round_ in range(args.rounds):
+            order = list(runs) if round_ % 2 == 0 else list(runs)[::-1]
+            for setup in order:
+                runs[setup].append(train_once(args, dataset, Path(tmp), setup))
+    result: dict[str, Any] = {}
+    for setup, samples in runs.items():
+        step_s = statistics.median(s["step_s"] for s in samples)
+        figures = {
+            "nproc": setup.nproc,
+            "threads": setup.threads,
+            "step_s": round(step_s, 4),
+            "images_per_s": round(args.batch_size * setup.nproc / step_s, 2),
+            "data_frac": round(statistics.median(s["data_frac"] for s in samples), 4),
+            "wall_s": round(statistics.median(s["wall_s"] for s in samples), 1),
+        }
+        result.update({f"{setup.key}_{k}": v for k, v in figures.items()})
+    base, top = args.nprocs[0], args.nprocs[-1]
+    speedup = result[f"nproc{top}_images_per_s"] / result[f"nproc{base}_images_per_s"]
+    result["speedup"] = round(speedup, 3)  # throughput, most processes vs the fewest
+    result["efficiency"] = round(speedup * base / top, 3)  # per process
+    if "nproc1_1thread_images_per_s" in result:
+        ref = result[f"nproc{top}_images_per_s"] / result["nproc1_1thread_images_per_s"]
+        result["speedup_vs_1thread"] = round(ref, 3)
+    result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
+        "setups": [setup.key for setup in runs],
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
+        "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+    }
+    return result
+
+
+def print_table(result: dict[str, Any]) -> None:
+    cfg = result["config"]
+    print(
+        f"FCOS {cfg['backbone']}-FPN{cfg['fpn']}, batch {cfg['batch_size']} per process x "
+        f"{cfg['image_size']} px, {cfg['device_name']}, {cfg['num_workers']} loader workers, "
+        f"median of {cfg['rounds']} alternating rounds, steps after the first {cfg['skip']}"
+    )
+    print(
+        f"{cfg['cores']} cores: OMP_NUM_THREADS = {cfg['cores']} / nproc (same cores in total), "
+        f"OMP_WAIT_POLICY {cfg['omp_wait_policy']}"
+    )
+    print(
+        f"{'nproc':>5}{'threads':>9}{'step s':>9}{'images/s':>10}{'speedup':>9}{'eff.':>7}"
+        f"{'data wait':>11}{'run wall s':>12}"
+    )
+    base = cfg["nprocs"][0]
+    for key in cfg["setups"]:
+        nproc = result[f"{key}_nproc"]
+        speedup = result[f"{key}_images_per_s"] / result[f"nproc{base}_images_per_s"]
+        reference = key == "nproc1_1thread"
+        efficiency = "" if reference else f"{speedup * base / nproc:.2f}"
+        print(
+            f"{nproc:>5}{result[f'{key}_threads']:>9}{result[f'{key}_step_s']:>9.3f}"
+            f"{result[f'{key}_images_per_s']:>10.1f}{speedup:>9.2f}{efficiency:>7}"
+            f"{result[f'{key}_data_frac']:>11.1%}{result[f'{key}_wall_s']:>12.1f}"
+            + ("  reference: one thread" if reference else "")
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Trainer throughput with 1 vs N processes.")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--nprocs", type=int, nargs="+", help="default: 1 2 (CPU), 1..GPUs")
+    parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--backbone", default="resnet18")
+    parser.add_argument("--fpn", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=8, help="per process")
+    parser.add_argument("--image-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=24, help="steps of a 1-process run")
+    parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out")
+    parser.add_argument("--num-workers", type=int, help="loader workers (default: 0 CPU, 4 GPU)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.fpn, args.batch_size, args.image_size = 64, 2, 64
+        args.steps, args.skip, args.rounds = 12, 2, 1
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is available")
+    if args.nprocs is None:
+        args.nprocs = (
+            list(range(1, torch.cuda.device_count() + 1)) if args.device == "cuda" else [1, 2]
+        )
+    args.nprocs = sorted(set(args.nprocs))
+    if args.num_workers is None:
+        args.num_workers = 4 if args.device == "cuda" else 0
+    if any(args.steps % n for n in args.nprocs) or args.steps // args.nprocs[-1] < args.skip + 2:
+        parser.error(
+            f"--steps {args.steps}: expected a multiple of every nproc {args.nprocs} that leaves "
+            f"at least 2 steps per run after --skip {args.skip}"
+        )
+    result = measure(args)
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
