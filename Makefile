@@ -34,7 +34,7 @@ test-faults: venv
 # benchmarks (docs/BENCHMARKS.md): `bench` is a smoke run of each script at tiny sizes,
 # `bench-full` the documented sizes, with the figures in var/bench/*.json. PYTHONPATH: the
 # scripts run this checkout's code even where the venv's editable install points elsewhere.
-BENCH := overhead coco_eval api ddp
+BENCH := overhead coco_eval api ddp accuracy
 
 bench: venv
 	@for b in $(BENCH); do echo "== bench/$$b.py --quick"; \

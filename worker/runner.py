@@ -119,6 +119,9 @@ def _start(run: _Run, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     nproc = int(spec["resources"]["nproc_per_node"])
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
+    # spin-waiting OpenMP threads stall CPU training by up to 6x when the cores are shared
+    # with the data loaders and the worker (bench/ddp.py, docs/BENCHMARKS.md)
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cmd = [
         sys.executable,
         "-m",
