@@ -282,15 +282,19 @@ def _fail_or_retry(run: _Run, returncode: int) -> None:
     """A crashed trainer: retried while attempts are left if the failure may not repeat,
     else failed with the trainer's own error (or the end of its log)."""
     reason, retryable = _retrying(run, "reading the error", lambda: _failure(run, returncode))
-    with session_scope(run.settings.database_url) as session:
-        job = session.get_one(Job, run.job_id)
-        left, used = transitions.attempts_left(job), job.attempt - job.handbacks
+
+    def attempts() -> tuple[int, int, int]:
+        with session_scope(run.settings.database_url) as session:
+            job = session.get_one(Job, run.job_id)
+            return transitions.attempts_left(job), job.attempt - job.handbacks, job.max_attempts
+
+    left, used, most = _retrying(run, "reading the attempts", attempts)
     if not retryable:
         _finish(run, "failed", reason)
     elif left > 0:
         _requeue(run, f"retrying ({left} attempt(s) left) after: {reason}")
     else:
-        _finish(run, "failed", f"{reason}\n(attempt {used} of {job.max_attempts}: none left)")
+        _finish(run, "failed", f"{reason}\n(attempt {used} of {most}: none left)")
 
 
 def _failure(run: _Run, returncode: int) -> tuple[str, bool]:
@@ -325,8 +329,12 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def _requeue(run: _Run, reason: str, *, handback: bool = False) -> bool:
-    return requeue(
-        run.job_id, settings=run.settings, worker=run.worker, reason=reason, handback=handback
+    return _retrying(
+        run,
+        "putting the job back in the queue",
+        lambda: requeue(
+            run.job_id, settings=run.settings, worker=run.worker, reason=reason, handback=handback
+        ),
     )
 
 
