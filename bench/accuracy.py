@@ -241,18 +241,19 @@ def train_teacher(
 
 def students(
     args: argparse.Namespace,
-    methods: list[str],
+    methods: dict[str, dict[str, Any]],
     size: dict[str, Any],
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     weights: dict[str, float],
     seeds: list[int],
 ) -> dict[str, list[dict[str, Any]]]:
-    """Train every (method, seed) run, `--jobs` at a time; results by method."""
+    """Train every (method, seed) run, `--jobs` at a time (`methods`: name -> distill
+    block); results by method."""
     inputs = {"teacher": sha256_file(Path(teacher["weights"]["path"]))}
     todo = []
-    for name in methods:
-        distill = dict(METHODS[name])
+    for name, block in methods.items():
+        distill = dict(block)
         if name in weights:
             distill["loss_weight"] = weights[name]
         for seed in seeds:
@@ -302,7 +303,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         held_out = {"path": str(tuning_data(args, size, data)), "input_size": size["image_size"]}
         return tune(args, size, held_out, teacher, teacher_ap)
 
-    results = students(args, ["none"], size, dataset, teacher, {}, seeds)
+    results = students(args, {"none": METHODS["none"]}, size, dataset, teacher, {}, seeds)
     base = summarise(results["none"])["AP"]
     margin_ok = teacher_ap >= base + TEACHER_MARGIN_AP
     if not margin_ok:
@@ -334,7 +335,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         name: args.match_grad_ratio / ratio if args.match_grad_ratio else default_weight
         for name, ratio in unit.items()
     }
-    results.update(students(args, distilled, size, dataset, teacher, weights, seeds))
+    blocks = {name: METHODS[name] for name in distilled}
+    results.update(students(args, blocks, size, dataset, teacher, weights, seeds))
 
     table: dict[str, dict[str, Any]] = {"teacher": summarise([teacher_run])}
     for name, runs in results.items():
@@ -367,8 +369,8 @@ def tune(
     for lw in TUNE_GRID["loss_weight"]:
         for gamma in TUNE_GRID["gamma"]:
             grid[f"tid-lw{lw}-g{gamma}"] = {"method": "tid", "loss_weight": lw, "gamma": gamma}
-    METHODS.update(grid)
-    results = students(args, ["none", *grid], size, dataset, teacher, {}, [TUNING_SEED])
+    methods = {"none": METHODS["none"], **grid}
+    results = students(args, methods, size, dataset, teacher, {}, [TUNING_SEED])
     table = {name: summarise(runs) for name, runs in results.items()}
     return {"teacher_AP": teacher_ap, "tuning_seed": TUNING_SEED, "methods": table}
 
