@@ -31,6 +31,7 @@ import torch
 
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
+from tid_core.launch import torchrun_command
 from tid_core.spec import JobSpec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,19 +97,7 @@ def train_once(
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
         "OMP_NUM_THREADS": str(setup.threads),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "tid_core.train",
-        "--spec",
-        str(spec_path),
-        "--run-dir",
-        str(run_dir),
-    ]
+    cmd = torchrun_command(spec_path, run_dir, nproc=nproc)
     start = time.perf_counter()
     with (run_dir / "train.log").open("wb") as out:
         code = subprocess.run(

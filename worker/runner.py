@@ -33,6 +33,7 @@ from api.db.session import TRANSIENT_ERRORS, session_scope
 from api.dispatch import enqueue
 from api.queue import RUN_JOB
 from api.settings import Settings
+from tid_core.launch import torchrun_command
 from worker.ingest import ingest_events
 from worker.resolve import resolve_spec
 
@@ -122,19 +123,7 @@ def _start(run: _Run, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
     # spin-waiting OpenMP threads stall CPU training by up to 6x when the cores are shared
     # with the data loaders and the worker (bench/ddp.py, docs/BENCHMARKS.md)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc-per-node={nproc}",
-        "-m",
-        "tid_core.train",
-        "--spec",
-        str(spec_path),
-        "--run-dir",
-        str(run.run_dir),
-    ]
+    cmd = torchrun_command(spec_path, run.run_dir, nproc=nproc)
     with (run.run_dir / "train.log").open("ab") as out:
         out.write(f"--- attempt {run.attempt} on {run.worker} at {utcnow():%FT%TZ}\n".encode())
         out.flush()
