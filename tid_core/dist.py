@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import os
 import signal
@@ -11,6 +10,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from tid_core.launch import set_parent_death_signal
 
 
 def init_distributed(device: torch.device) -> None:
@@ -68,9 +69,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def die_with_launcher() -> None:
     """Under torchrun, exit when the launcher dies without stopping us (SIGKILL, OOM).
 
@@ -81,6 +79,6 @@ def die_with_launcher() -> None:
     if "TORCHELASTIC_RUN_ID" not in os.environ or sys.platform != "linux":
         return
     parent = os.getppid()
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    set_parent_death_signal(signal.SIGKILL)
     if os.getppid() != parent:  # it died before the call took effect
         os._exit(1)

@@ -8,7 +8,6 @@ and records nothing more: the reconciler owns the job then.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import math
@@ -16,7 +15,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +31,7 @@ from api.db.session import TRANSIENT_ERRORS, session_scope
 from api.dispatch import enqueue
 from api.queue import RUN_JOB
 from api.settings import Settings
-from tid_core.launch import torchrun_command
+from tid_core.launch import set_parent_death_signal, torchrun_command
 from worker.ingest import ingest_events
 from worker.resolve import resolve_spec
 
@@ -44,16 +42,12 @@ POLL_SECONDS = 0.5
 SHUTDOWN_REASON = "handed back: the worker is shutting down"
 LOG_TAIL_LINES = 20
 GROUP_EXIT_SECONDS = 5.0  # how long SIGKILLed processes get to disappear
-PR_SET_PDEATHSIG = 1  # linux/prctl.h
-# Looked up before any fork: the child may only make the call itself.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
 def _die_with_worker() -> None:
     """Runs in the trainer's process before exec: a worker that dies without cleaning up
     (SIGKILL, OOM) sends it SIGTERM, so no orphan trains beside the job's next attempt."""
-    if _prctl is not None:
-        _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    set_parent_death_signal(signal.SIGTERM)
 
 
 def worker_name(settings: Settings) -> str:
