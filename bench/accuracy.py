@@ -53,6 +53,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "tid-cls": {"method": "tid", "tasks": ["cls"]},
     "tid-reg": {"method": "tid", "tasks": ["reg"]},
     "tid-noweak": {"method": "tid", "weak_areas": False},
+    # the classification score judged without the box (cls_match "point"): the tasks decoupled
+    "tid-point": {"method": "tid", "cls_match": "point"},
+    "tid-cls-point": {"method": "tid", "tasks": ["cls"], "cls_match": "point"},
 }
 TEACHER_MARGIN_AP = 3.0  # the teacher must beat the lone student by this many AP points
 TUNING_SEED = 0  # the tuning grid's seed and dataset seed; reporting seeds must differ

@@ -19,6 +19,7 @@ Arch = Literal["fcos", "retinanet"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
 Method = Literal["none", "fitnet", "pkd", "tid"]
 Task = Literal["cls", "reg"]
+ClsMatch = Literal["box", "point"]
 
 ARCHS: tuple[Arch, ...] = ("fcos", "retinanet")
 BACKBONES: tuple[Backbone, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
@@ -122,6 +123,9 @@ class DistillSpec(_Strict):
     pos_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     neg_iou: float = Field(default=0.4, ge=0.0, lt=1.0)
     p_min: float = Field(default=0.05, ge=0.0, lt=0.5)
+    # which GT judges a location's class: the one its box overlaps ("box", TID.md) or the one
+    # containing its centre ("point": the class scored independently of the box)
+    cls_match: ClsMatch = "box"
     tau_key: float = Field(default=2.25, ge=0.0, le=4.0)
     tau_weak: float = Field(default=0.9, ge=0.0, le=4.0)
 

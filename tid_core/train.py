@@ -119,6 +119,7 @@ def build_distill_loss(d: DistillSpec) -> nn.Module | None:
         pos_iou=d.pos_iou,
         neg_iou=d.neg_iou,
         p_min=d.p_min,
+        cls_match=d.cls_match,
         tau_key=d.tau_key,
         tau_weak=d.tau_weak,
         normalize=d.normalize,

@@ -28,6 +28,7 @@ def test_accuracy_quick_prints_every_method_and_writes_json(tmp_path: Path) -> N
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     methods = ["teacher", "none", "fitnet", "pkd", "tid", "tid-cls", "tid-reg", "tid-noweak"]
+    methods += ["tid-point", "tid-cls-point"]
     table = proc.stdout[proc.stdout.index("COCO mAP on the val split") :]
     assert [line.split()[0] for line in table.splitlines()[4 : 4 + len(methods)]] == methods
     figures = json.loads(out.read_text())

@@ -13,6 +13,8 @@ from tid_core.distill.capture import Detector, StudentCapture, teacher_forward
 from tid_core.distill.distiller import Distiller
 from tid_core.distill.tid import TIDLoss
 from tid_core.models import build_detector
+from tid_core.spec import DistillSpec
+from tid_core.train import build_distill_loss
 
 ARCHS = ["fcos", "retinanet"]
 METHODS = ["tid", "fitnet", "pkd"]
@@ -25,21 +27,10 @@ STUDENT_CHANNELS, TEACHER_CHANNELS = 64, 128  # fpn_channels must be >= 64
 
 
 def make_loss(method: str, levels: tuple[int, ...] = (0, 1, 2, 3, 4)) -> nn.Module:
-    if method == "tid":
-        return TIDLoss(
-            levels=levels,
-            tasks=("cls", "reg"),
-            weak_areas=True,
-            alpha=2.0,
-            beta=4.0,
-            gamma=0.5,
-            pos_iou=0.5,
-            neg_iou=0.4,
-            p_min=0.05,
-            tau_key=2.25,
-            tau_weak=0.9,
-            normalize=True,
-        )
+    if method == "tid":  # the spec's defaults, as the trainer builds it
+        loss = build_distill_loss(DistillSpec(method="tid", levels=levels))
+        assert isinstance(loss, TIDLoss)
+        return loss
     factories: dict[str, Callable[[], nn.Module]] = {"fitnet": fitnet_loss, "pkd": pkd_loss}
     return factories[method]()
 
@@ -217,9 +208,14 @@ def test_distiller_rejects_teacher_without_loss_and_loss_without_teacher() -> No
         Distiller(student, loss=fitnet_loss())
 
 
-def test_tid_distiller_reports_area_fractions_as_stats() -> None:
-    model = distiller("fcos", "tid").train()
-    _, stats = model(*batch(), 1.0)
+@pytest.mark.parametrize("cls_match", ["box", "point"])
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tid_distiller_reports_area_fractions_as_stats(arch: str, cls_match: str) -> None:
+    loss = build_distill_loss(DistillSpec(method="tid", cls_match=cls_match))  # type: ignore[arg-type]
+    student = detector(arch, STUDENT_CHANNELS, seed=0)
+    model = Distiller(student, teacher=detector(arch, TEACHER_CHANNELS, seed=1), loss=loss)
+    losses, stats = model.train()(*batch(), 1.0)
+    assert all(torch.isfinite(v) for v in losses.values())
     assert set(stats) == {"tid_key_frac", "tid_weak_frac"}
     assert all(0.0 <= v.item() <= 1.0 for v in stats.values())
     assert not any(v.requires_grad for v in stats.values())

@@ -52,18 +52,21 @@ def make_outputs(
     *,
     level_shapes: list[tuple[int, int]] | None = None,
     features: list[Tensor] | None = None,
+    anchors: list[list[float]] | None = None,
 ) -> DetectorOutputs:
-    """FCOS-style outputs (one anchor per location) whose decoded boxes are exactly `boxes`."""
+    """FCOS-style outputs (one anchor per location) whose decoded boxes are exactly `boxes`;
+    every location's anchor is ANCHOR (centre 8, 8) unless `anchors` gives one per location."""
     wanted = torch.tensor(boxes)  # [N, L, 4]
     n, locs, _ = wanted.shape
-    anchors = torch.tensor(ANCHOR).expand(n, locs, 4).clone()
+    per_location = torch.tensor(anchors) if anchors is not None else torch.tensor(ANCHOR)
+    anchors_t = per_location.expand(n, locs, 4).clone()
     coder = BoxLinearCoder(normalize_by_size=True)
-    rel = coder.encode(anchors, wanted)
+    rel = coder.encode(anchors_t, wanted)
     out = DetectorOutputs(
         features=features or [],
         cls_logits=torch.tensor(logits),
         bbox_regression=rel,
-        anchors=list(anchors),
+        anchors=list(anchors_t),
         num_anchors=1,
         box_coder=coder,
         level_shapes=level_shapes or [(1, locs)],
@@ -253,6 +256,47 @@ def test_split_areas_without_weak_areas_puts_all_significant_locations_in_key() 
     assert not weak.any()
 
 
+def test_point_match_scores_the_class_without_looking_at_the_box() -> None:
+    # Every case's location centre (8, 8) lies inside GT, so the class alone decides: the
+    # boxes at IoU 0.4 and 0 with the right class p=0.9 now count as right (2.0).
+    score = task_significance(case_outputs(), one_gt(), tasks=("cls",), cls_match="point")
+    expected_c = [2.0, 2.0, 1.5, 1.5, 0.4, 0.4, 2.0, 2.0, 2.0, 0.4, 2.0]
+    torch.testing.assert_close(score, torch.tensor([[c**2 for c in expected_c]]))
+    # the regression score is the same under both matches
+    for match in ("box", "point"):
+        reg = task_significance(case_outputs(), one_gt(), tasks=("reg",), cls_match=match)
+        torch.testing.assert_close(reg, torch.tensor([[c[4] ** 2 for c in CASES]]))
+
+
+def test_point_match_outside_every_gt_is_no_object_even_with_a_perfect_box() -> None:
+    outside = [32.0, 32.0, 48.0, 48.0]  # centre (40, 40), not in GT
+    outputs = make_outputs([[IOU_1, IOU_1]], [[probs_row(1, 0.9)] * 2], anchors=[ANCHOR, outside])
+    box = task_significance(outputs, one_gt(), cls_match="box")
+    point = task_significance(outputs, one_gt(), cls_match="point")
+    torch.testing.assert_close(box, torch.tensor([[4.0, 4.0]]))
+    torch.testing.assert_close(point, torch.tensor([[4.0, 0.8]]))  # 0.4 * 2.0
+
+
+def test_point_match_takes_the_smallest_gt_containing_the_centre() -> None:
+    inner, outer = [4.0, 4.0, 12.0, 12.0], [0.0, 0.0, 32.0, 32.0]  # both contain (8, 8)
+    targets = [{"boxes": torch.tensor([outer, inner]), "labels": torch.tensor([2, 1])}]
+    logits = [[probs_row(1, 0.9), probs_row(2, 0.9)]]
+    outputs = make_outputs([[IOU_0, IOU_0]], logits)
+    score = task_significance(outputs, targets, tasks=("cls",), cls_match="point")
+    torch.testing.assert_close(score, torch.tensor([[4.0, 0.16]]))  # inner's label 1 is right
+
+
+def test_point_match_without_gt_is_lowest_everywhere() -> None:
+    outputs = make_outputs([[IOU_1, IOU_0]], [[probs_row(1, 0.9)] * 2])
+    score = task_significance(outputs, [no_gt()], cls_match="point")
+    torch.testing.assert_close(score, torch.full((1, 2), 0.16))
+
+
+def test_task_significance_rejects_unknown_cls_match() -> None:
+    with pytest.raises(ValueError, match="cls_match must be 'box' or 'point'"):
+        task_significance(case_outputs(), one_gt(), cls_match="centre")
+
+
 # ---- ablations: one task only changes the areas ------------------------------------------------
 
 
@@ -372,6 +416,7 @@ def tid_loss(**overrides: object) -> TIDLoss:
         "pos_iou": 0.5,
         "neg_iou": 0.4,
         "p_min": 0.05,
+        "cls_match": "box",
         "tau_key": 2.25,
         "tau_weak": 0.9,
         "normalize": False,

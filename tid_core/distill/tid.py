@@ -37,6 +37,23 @@ def _best_anchor(outputs: DetectorOutputs) -> tuple[Tensor, Tensor]:
     return probs, boxes
 
 
+def _points(outputs: DetectorOutputs) -> Tensor:
+    """The centre [N, L, 2] of every head location (its anchors share it)."""
+    anchors = torch.stack(outputs.anchors)[:, :: outputs.num_anchors].float()
+    return (anchors[..., :2] + anchors[..., 2:]) / 2
+
+
+def _containing_gt(points: Tensor, gt: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per location: the smallest valid GT box [N, L] containing its point (FCOS's rule for
+    ambiguous locations), and whether there is one."""
+    xy = points[:, :, None, :]
+    inside = (xy >= gt[:, None, :, :2]).all(-1) & (xy <= gt[:, None, :, 2:]).all(-1)
+    area = (gt[..., 2:] - gt[..., :2]).prod(dim=-1)  # [N, G]
+    areas = torch.where(inside & valid[:, None, :], area[:, None, :], torch.inf)
+    smallest, index = areas.min(dim=-1)
+    return index, smallest.isfinite()
+
+
 def _pairwise_iou(boxes: Tensor, gt: Tensor) -> Tensor:
     """IoU [N, L, G] between boxes [N, L, 4] and gt [N, G, 4] (xyxy)."""
     lt = torch.maximum(boxes[:, :, None, :2], gt[:, None, :, :2])
@@ -66,32 +83,40 @@ def task_significance(
     pos_iou: float = 0.5,
     neg_iou: float = 0.4,
     p_min: float = 0.05,
+    cls_match: str = "box",
 ) -> Tensor:
     """DIEM: task significance [N, L] of every head location (L = sum_l H_l*W_l).
 
     Regression score: 2.0 / 1.5 / 0.4 as the location's box has IoU >= pos_iou, in between, or
     <= neg_iou with its best-matching GT box. Classification score: 2.0 if the predicted class
-    is that GT's class with p >= 0.5, 1.5 if so with p_min <= p < 0.5, 0.4 otherwise (and 0.4
-    where IoU <= neg_iou: no object there). The two are multiplied; with one task only, that
-    score is squared so the thresholds keep their meaning on the same {0.16 .. 4} scale.
+    is the matched GT's class with p >= 0.5, 1.5 if so with p_min <= p < 0.5, 0.4 otherwise
+    (and 0.4 where there is no object). `cls_match` says which GT that is: "box", the one the
+    location's box overlaps best, no object where IoU <= neg_iou (so a right class needs a
+    roughly right box too); "point", the smallest GT box containing the location's centre, no
+    object outside every box (the class judged on its own). The two are multiplied; with one
+    task only, that score is squared so the thresholds keep their meaning on the same
+    {0.16 .. 4} scale.
     """
     probs, boxes = _best_anchor(outputs)
     gt_boxes, gt_labels = _padded_targets(targets)
     return _significance(
         probs,
         boxes,
+        _points(outputs),
         gt_boxes,
         gt_labels,
         tasks=tasks,
         pos_iou=pos_iou,
         neg_iou=neg_iou,
         p_min=p_min,
+        cls_match=cls_match,
     )
 
 
 def _significance(
     probs: Tensor,
     boxes: Tensor,
+    points: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     *,
@@ -99,8 +124,10 @@ def _significance(
     pos_iou: float,
     neg_iou: float,
     p_min: float,
+    cls_match: str,
 ) -> Tensor:
-    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4] and padded GT."""
+    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4], location centres
+    [N, L, 2] and padded GT."""
     valid = gt_labels >= 0
     iou = _pairwise_iou(boxes, gt_boxes).masked_fill(~valid[:, None, :], -1.0)
     best_iou, best_gt = iou.max(dim=-1)  # [N, L]
@@ -110,9 +137,15 @@ def _significance(
         return torch.where(hi, HIGH, torch.where(mid, MID, LOW))
 
     score_r = level(best_iou >= pos_iou, best_iou > neg_iou)
-    label = gt_labels.gather(1, best_gt).clamp(min=0)  # [N, L]; padding only where no GT at all
+    if cls_match == "box":
+        cls_gt, has_object = best_gt, best_iou > neg_iou
+    elif cls_match == "point":
+        cls_gt, has_object = _containing_gt(points, gt_boxes, valid)
+    else:
+        raise ValueError(f"cls_match must be 'box' or 'point', got {cls_match!r}")
+    label = gt_labels.gather(1, cls_gt).clamp(min=0)  # [N, L]; padding only where no object
     p_label = probs.gather(-1, label[..., None]).squeeze(-1)
-    right = (probs.argmax(dim=-1) == label) & (best_iou > neg_iou)
+    right = (probs.argmax(dim=-1) == label) & has_object
     score_c = level(right & (p_label >= 0.5), right & (p_label >= p_min))
     if set(tasks) == {"cls", "reg"}:
         return score_c * score_r
@@ -194,6 +227,7 @@ class TIDLoss(nn.Module):
         pos_iou: float,
         neg_iou: float,
         p_min: float,
+        cls_match: str,
         tau_key: float,
         tau_weak: float,
         normalize: bool,
@@ -205,6 +239,7 @@ class TIDLoss(nn.Module):
         self.weights = {"tid_key": alpha, "tid_weak": beta, "tid_rest": gamma}
         self.iou = (pos_iou, neg_iou)
         self.p_min = p_min
+        self.cls_match = cls_match
         self.tau = (tau_key, tau_weak)
         self.normalize = normalize
         self.last_stats: dict[str, Tensor] = {}
@@ -218,15 +253,18 @@ class TIDLoss(nn.Module):
         """
         (probs_t, boxes_t), (probs_s, boxes_s) = _best_anchor(teacher), _best_anchor(student)
         gt_boxes, gt_labels = _padded_targets(targets)
+        points = _points(teacher)  # the same locations: split_areas compares them one to one
         scores = _significance(
             torch.cat([probs_t, probs_s]),
             torch.cat([boxes_t, boxes_s]),
+            torch.cat([points, points]),
             torch.cat([gt_boxes, gt_boxes]),
             torch.cat([gt_labels, gt_labels]),
             tasks=self.tasks,
             pos_iou=self.iou[0],
             neg_iou=self.iou[1],
             p_min=self.p_min,
+            cls_match=self.cls_match,
         )
         score_t, score_s = scores.chunk(2)
         return split_areas(
