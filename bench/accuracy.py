@@ -238,8 +238,11 @@ def train_teacher(
         device=args.device,
     )
     key = JobSpec.model_validate(spec).spec_hash()[:12]
-    result = run_job("teacher", spec, args.out / f"teacher-{key}", inputs={"data": str(data)})
-    return result, args.out / f"teacher-{key}" / "student.safetensors"
+    run_dir = args.out / f"teacher-{key}"
+    # the teacher trains alone: it gets every core, not the students' share
+    cores = len(os.sched_getaffinity(0))
+    result = run_job("teacher", spec, run_dir, inputs={"data": str(data)}, threads=cores)
+    return result, run_dir / "student.safetensors"
 
 
 def students(
@@ -404,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
         args.methods.insert(0, "none")  # the gap and the teacher check need the lone student
     cores = len(os.sched_getaffinity(0))
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // args.jobs)))
+    # as the worker starts trainers: spinning OpenMP threads collapse on shared cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
     figures = compare(args)

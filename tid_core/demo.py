@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -52,13 +53,18 @@ def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, di
 
 
 def run_job(
-    name: str, spec: dict[str, Any], run_dir: Path, *, inputs: dict[str, str]
+    name: str,
+    spec: dict[str, Any],
+    run_dir: Path,
+    *,
+    inputs: dict[str, str],
+    threads: int | None = None,
 ) -> dict[str, Any]:
     """Train one job (or reuse its finished run) while printing its progress.
 
     A run is reused only for the same spec and the same input files (`inputs`: name -> sha256,
     e.g. the teacher's weights); any other run in `run_dir` is removed so the trainer does not
-    try to resume a different job.
+    try to resume a different job. `threads` overrides the inherited OMP_NUM_THREADS.
     """
     key = json.dumps({"spec": spec, "inputs": inputs}, indent=2, sort_keys=True)
     key_file = run_dir / "demo-key.json"
@@ -84,7 +90,8 @@ def run_job(
     log_file = run_dir / "train.log"
     started = time.monotonic()
     with log_file.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else None
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         seen = 0
         while proc.poll() is None:
             time.sleep(1.0)
