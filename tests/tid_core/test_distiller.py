@@ -211,7 +211,7 @@ def test_distiller_rejects_teacher_without_loss_and_loss_without_teacher() -> No
 @pytest.mark.parametrize("cls_match", ["box", "point"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tid_distiller_reports_area_fractions_as_stats(arch: str, cls_match: str) -> None:
-    loss = build_distill_loss(DistillSpec(method="tid", cls_match=cls_match))  # type: ignore[arg-type]
+    loss = build_distill_loss(DistillSpec.model_validate({"method": "tid", "cls_match": cls_match}))
     student = detector(arch, STUDENT_CHANNELS, seed=0)
     model = Distiller(student, teacher=detector(arch, TEACHER_CHANNELS, seed=1), loss=loss)
     losses, stats = model.train()(*batch(), 1.0)

@@ -37,16 +37,17 @@ def _best_anchor(outputs: DetectorOutputs) -> tuple[Tensor, Tensor]:
     return probs, boxes
 
 
-def _points(outputs: DetectorOutputs) -> Tensor:
-    """The centre [N, L, 2] of every head location (its anchors share it)."""
-    anchors = torch.stack(outputs.anchors)[:, :: outputs.num_anchors].float()
-    return (anchors[..., :2] + anchors[..., 2:]) / 2
+def _locations(outputs: DetectorOutputs) -> Tensor:
+    """One anchor [L, 4] per head location (a view, no kernel): its anchors share a centre, and
+    every image of a batch has the same anchors."""
+    return outputs.anchors[0][:: outputs.num_anchors]
 
 
-def _containing_gt(points: Tensor, gt: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
-    """Per location: the smallest valid GT box [N, L] containing its point (FCOS's rule for
+def _containing_gt(locations: Tensor, gt: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    """Per location: the smallest valid GT box [N, L] containing its centre (FCOS's rule for
     ambiguous locations), and whether there is one."""
-    xy = points[:, :, None, :]
+    centres = (locations[..., :2] + locations[..., 2:]).float() / 2  # [L, 2]
+    xy = centres[None, :, None, :]
     inside = (xy >= gt[:, None, :, :2]).all(-1) & (xy <= gt[:, None, :, 2:]).all(-1)
     area = (gt[..., 2:] - gt[..., :2]).prod(dim=-1)  # [N, G]
     areas = torch.where(inside & valid[:, None, :], area[:, None, :], torch.inf)
@@ -102,7 +103,7 @@ def task_significance(
     return _significance(
         probs,
         boxes,
-        _points(outputs),
+        _locations(outputs),
         gt_boxes,
         gt_labels,
         tasks=tasks,
@@ -116,7 +117,7 @@ def task_significance(
 def _significance(
     probs: Tensor,
     boxes: Tensor,
-    points: Tensor,
+    locations: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor,
     *,
@@ -126,8 +127,8 @@ def _significance(
     p_min: float,
     cls_match: str,
 ) -> Tensor:
-    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4], location centres
-    [N, L, 2] and padded GT."""
+    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4], the locations'
+    anchors [L, 4] (shared by the batch) and padded GT."""
     valid = gt_labels >= 0
     iou = _pairwise_iou(boxes, gt_boxes).masked_fill(~valid[:, None, :], -1.0)
     best_iou, best_gt = iou.max(dim=-1)  # [N, L]
@@ -140,7 +141,7 @@ def _significance(
     if cls_match == "box":
         cls_gt, has_object = best_gt, best_iou > neg_iou
     elif cls_match == "point":
-        cls_gt, has_object = _containing_gt(points, gt_boxes, valid)
+        cls_gt, has_object = _containing_gt(locations, gt_boxes, valid)
     else:
         raise ValueError(f"cls_match must be 'box' or 'point', got {cls_match!r}")
     label = gt_labels.gather(1, cls_gt).clamp(min=0)  # [N, L]; padding only where no object
@@ -253,11 +254,10 @@ class TIDLoss(nn.Module):
         """
         (probs_t, boxes_t), (probs_s, boxes_s) = _best_anchor(teacher), _best_anchor(student)
         gt_boxes, gt_labels = _padded_targets(targets)
-        points = _points(teacher)  # the same locations: split_areas compares them one to one
         scores = _significance(
             torch.cat([probs_t, probs_s]),
             torch.cat([boxes_t, boxes_s]),
-            torch.cat([points, points]),
+            _locations(teacher),  # the student's are the same: split_areas pairs them up
             torch.cat([gt_boxes, gt_boxes]),
             torch.cat([gt_labels, gt_labels]),
             tasks=self.tasks,
