@@ -77,7 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
 
     app = FastAPI(title="TID service", version="1", lifespan=lifespan)
-    app.dependency_overrides[get_settings] = lambda: resolved
+    app.state.settings = resolved
     problems.install(app)
     app.add_middleware(
         BodyLimit,

@@ -18,7 +18,7 @@ from api.app import create_app
 from api.db.migrate import upgrade
 from api.db.session import get_sessionmaker, session_scope
 from api.keys import create_key
-from api.settings import Settings, get_settings
+from api.settings import Settings
 
 
 @pytest.fixture
@@ -50,7 +50,6 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
 @pytest.fixture
 def client(settings: Settings, sent: Sent) -> Iterator[TestClient]:
     app = create_app(settings)
-    app.dependency_overrides[get_settings] = lambda: settings
     with TestClient(app) as client:
         yield client
 

@@ -8,16 +8,20 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from bench.accuracy import METHODS
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_accuracy_quick_prints_every_method_and_writes_json(tmp_path: Path) -> None:
+def run_quick(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """The table `bench/accuracy.py --quick ARGS` prints, and its --json figures."""
     out = tmp_path / "figures.json"
-    cmd = [sys.executable, "bench/accuracy.py", "--quick", "--jobs", "2"]
+    cmd = [sys.executable, "bench/accuracy.py", "--quick", "--jobs", "2", *args]
     proc = subprocess.run(
         [*cmd, "--json", str(out), "--out", str(tmp_path / "work")],
         cwd=REPO,
@@ -27,13 +31,26 @@ def test_accuracy_quick_prints_every_method_and_writes_json(tmp_path: Path) -> N
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    methods = ["teacher", "none", "fitnet", "pkd", "tid", "tid-cls", "tid-reg", "tid-noweak"]
-    methods += ["tid-point", "tid-cls-point"]
     table = proc.stdout[proc.stdout.index("COCO mAP on the val split") :]
-    assert [line.split()[0] for line in table.splitlines()[4 : 4 + len(methods)]] == methods
-    figures = json.loads(out.read_text())
+    return table, json.loads(out.read_text())
+
+
+def row_names(table: str, count: int) -> list[str]:
+    return [line.split()[0] for line in table.splitlines()[4 : 4 + count]]
+
+
+def test_accuracy_quick_prints_every_method_and_writes_json(tmp_path: Path) -> None:
+    table, figures = run_quick(tmp_path)
+    methods = ["teacher", *METHODS]
+    assert row_names(table, len(methods)) == methods
     assert set(figures["methods"]) == set(methods)
     for name in methods[2:]:
         row = figures["methods"][name]
         assert {"AP", "AP_std", "AP50", "loss_weight", "grad_ratio", "gap_closed"} <= set(row)
         assert row["grad_ratio"] > 0
+
+    # --tune with --methods: those methods (and `none`) on the held-out split, tuning seed
+    table, figures = run_quick(tmp_path, "--tune", "--methods", "tid-key0.6")
+    assert "tuning grid" in table
+    assert row_names(table, 2) == ["none", "tid-key0.6"]
+    assert figures["tuning_seed"] == 0 and set(figures["methods"]) == {"none", "tid-key0.6"}

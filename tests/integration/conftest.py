@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,15 +83,21 @@ class Stack:
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         return self.start(name, "worker")
 
-    def stop(self, name: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    def stop(self, *names: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
+        """Signal every named process group at once, then wait; a process still running
+        after `timeout` is killed, with a warning (a hang on shutdown is a defect to see)."""
+        procs = {name: self.procs.pop(name) for name in names}
+        for proc in procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, sig)
+        deadline = time.monotonic() + timeout
+        for name, proc in procs.items():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                warnings.warn(f"{name} ignored signal {sig} for {timeout} s: killed", stacklevel=2)
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -143,8 +150,7 @@ def running_stack(
             time.sleep(0.3)
         yield stack
     finally:
-        for name in list(stack.procs):
-            stack.stop(name)
+        stack.stop(*stack.procs)
 
 
 @pytest.fixture(params=BACKENDS)

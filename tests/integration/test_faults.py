@@ -157,7 +157,7 @@ def test_worker_sigkilled_mid_epoch_its_trainer_stops_and_another_worker_resumes
     job_id = f.submit(long_spec(dataset(f)))
     f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 3)  # past epoch 1's checkpoint
 
-    f.stack.stop("worker-a", signal.SIGKILL)  # the whole Celery process group, no clean-up
+    f.stack.stop("worker-a", sig=signal.SIGKILL)  # the whole Celery process group, no clean-up
 
     deadline = time.monotonic() + 60  # the orphaned trainer must stop by itself, soon
     while trainer_processes(f.run_dir(job_id)) and time.monotonic() < deadline:
