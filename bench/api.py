@@ -8,7 +8,10 @@ worker, so a submitted job stays queued. The load is an httpx asyncio loop keepi
 is the median of rounds and p50/p99 are over every round's requests. Then one worker starts and
 a tiny job is submitted `--latency-runs` times (cancelled as soon as it runs, to spare the CPU).
 
-    python bench/api.py [--quick] [--no-worker] [--json FILE]
+    python bench/api.py [--quick] [--no-worker] [--profile] [--json FILE]
+
+`--profile` then samples the service process with py-spy (every thread) under each jobs
+endpoint's load and prints where its CPU time goes, by the package doing the work.
 
 The service is set up through its CLI (`tid db upgrade`, `tid keys create`), not by importing
 `api`: run as `python bench/api.py`, this folder comes first on sys.path and this very file
@@ -22,6 +25,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -263,6 +267,101 @@ async def measure_load(
     return {e.name: e.figures() for e in endpoints}
 
 
+# the package that does the work -> what it does for a request
+COMPONENTS = {
+    "uvicorn": "HTTP server (uvicorn, httptools)",
+    "httptools": "HTTP server (uvicorn, httptools)",
+    "uvloop": "HTTP server (uvicorn, httptools)",
+    "fastapi": "FastAPI, Starlette (routing, dependencies, responses)",
+    "starlette": "FastAPI, Starlette (routing, dependencies, responses)",
+    "anyio": "thread-pool hand-offs (anyio)",
+    "prometheus_fastapi_instrumentator": "metrics middleware (Prometheus)",
+    "prometheus_client": "metrics middleware (Prometheus)",
+    "sqlalchemy": "database (SQLAlchemy, sqlite3)",
+    "pydantic": "validation, serialisation (pydantic)",
+    "pydantic_core": "validation, serialisation (pydantic)",
+    "kombu": "broker send (Celery, kombu)",
+    "celery": "broker send (Celery, kombu)",
+    "vine": "broker send (Celery, kombu)",
+    "api": "service code (api/, tid_core/)",
+    "tid_core": "service code (api/, tid_core/)",
+}
+# leaves where a thread waits: pool threads for work, the event loop for I/O
+IDLE_LEAVES = ("Condition.wait (threading.py", "Runner.run (asyncio/runners.py")
+
+
+def busy_shares(raw: str) -> dict[str, float]:
+    """py-spy's raw stacks -> each component's share of the samples that were not waiting.
+    A sample counts for the deepest frame outside the standard library (json, queue,
+    threading and sqlite3 work for whoever called them)."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or frames[-1].startswith(IDLE_LEAVES):
+            continue
+        owner = "other"
+        for frame in reversed(frames):
+            path = frame.rpartition(" (")[2].removesuffix(")").rsplit(":", 1)[0]
+            package = path.split("/")[0].removesuffix(".py")
+            if not path.startswith("<") and package not in sys.stdlib_module_names:
+                owner = COMPONENTS.get(package, "other")
+                break
+        counts[owner] = counts.get(owner, 0) + int(count)
+    total = sum(counts.values()) or 1
+    return {k: round(v / total, 3) for k, v in sorted(counts.items(), key=lambda kv: -kv[1])}
+
+
+async def profile_service(
+    service: Server, key: str, args: argparse.Namespace, tmp: Path
+) -> dict[str, dict[str, float]]:
+    """Each jobs endpoint under the same load as above while py-spy samples the service."""
+    py_spy = shutil.which(
+        "py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    if py_spy is None:
+        raise SystemExit("--profile needs py-spy (pip install py-spy; it is in the dev extras)")
+    limits = httpx.Limits(max_connections=args.concurrency)
+    auth = {"Authorization": f"Bearer {key}"}
+    spec = tiny_spec("profile")
+    shares = {}
+    async with httpx.AsyncClient(
+        base_url=service.url, headers=auth, limits=limits, timeout=60
+    ) as svc:
+        job_ids = [(await svc.post("/v1/jobs", json=spec)).json()["id"] for _ in range(16)]
+        endpoints = [
+            Endpoint("post_jobs", service, svc, lambda c, _: c.post("/v1/jobs", json=spec), 202),
+            Endpoint(
+                "get_jobs", service, svc, lambda c, i: c.get(f"/v1/jobs/{job_ids[i % 16]}"), 200
+            ),
+        ]
+        for endpoint in endpoints:
+            out = tmp / f"profile-{endpoint.name}.txt"
+            record = [py_spy, "record", "--pid", str(service.pid), "--rate", "200"]
+            spy = subprocess.Popen(
+                [*record, "--gil", "--nonblocking", "--format", "raw", "--output", str(out)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            await asyncio.sleep(1.0)  # attached
+            await endpoint.load(requests=args.requests, concurrency=args.concurrency)
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            _, err = spy.communicate(timeout=60)
+            if not out.exists():
+                raise RuntimeError(f"py-spy wrote no profile: {err.decode()[-2000:]}")
+            shares[endpoint.name] = busy_shares(out.read_text())
+    return shares
+
+
+def print_profile(shares: dict[str, dict[str, float]]) -> None:
+    print("\nwhere the service's CPU time goes (py-spy samples holding the GIL, every thread)")
+    components = list(dict.fromkeys(k for endpoint in shares.values() for k in endpoint))
+    print(f"{'component':<56}{'POST':>8}{'GET':>8}")
+    for component in components:
+        post, get = (shares[e].get(component, 0.0) for e in ("post_jobs", "get_jobs"))
+        print(f"{component:<56}{post:>8.1%}{get:>8.1%}")
+
+
 def wait_worker_ready(procs: Processes, name: str) -> None:
     deadline = time.monotonic() + 120
     while " ready." not in procs.log(name):
@@ -314,9 +413,14 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             samples = submit_to_running(service.url, key, runs=args.latency_runs)
             procs.stop("worker")
         figures = asyncio.run(measure_load(service, bare, key, args))
+        profile = (
+            asyncio.run(profile_service(service, key, args, Path(tmp))) if args.profile else None
+        )
     result: dict[str, Any] = {
         f"{endpoint}_{k}": v for endpoint, values in figures.items() for k, v in values.items()
     }
+    if profile:
+        result["profile"] = profile
     for method in ("post", "get"):
         ours, floor = figures[f"{method}_jobs"], figures[f"{method}_bare"]
         result[f"{method}_rps_ratio"] = round(ours["rps"] / floor["rps"], 3)
@@ -327,9 +431,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         key_name = "submit_to_running_s" if side == "client" else "submit_to_running_server_s"
         result[key_name] = round(statistics.median(values), 3) if values else None
     result["submit_to_running_samples"] = samples
-    result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
-        "cpus": len(os.sched_getaffinity(0))
-    }
+    result["config"] = {
+        k: v for k, v in vars(args).items() if k not in {"json", "quick", "profile"}
+    } | {"cpus": len(os.sched_getaffinity(0))}
     return result
 
 
@@ -384,12 +488,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-worker", dest="latency_runs", action="store_const", const=0, help="skip them"
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="then sample the service with py-spy (where time goes)",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.rounds = 100, 2
         args.latency_runs = min(args.latency_runs, 1)
     result = measure(args)
     print_table(result)
+    if "profile" in result:
+        print_profile(result["profile"])
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return 0
