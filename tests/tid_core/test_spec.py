@@ -74,7 +74,7 @@ def test_full_spec_parses_and_fills_defaults() -> None:
     assert job.distill.tasks == ("cls", "reg")
     assert (job.distill.alpha, job.distill.beta, job.distill.gamma) == (2.0, 4.0, 0.5)
     assert (job.distill.pos_iou, job.distill.neg_iou, job.distill.p_min) == (0.5, 0.4, 0.05)
-    assert (job.distill.tau_key, job.distill.tau_weak) == (2.25, 0.9)
+    assert (job.distill.tau_key, job.distill.tau_weak) == (0.8, 0.6)
     assert job.distill.distill_warmup_iters == 100
     assert job.distill.weak_areas is True
     assert job.distill.normalize is True

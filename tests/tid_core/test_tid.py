@@ -18,6 +18,7 @@ from tid_core.distill.tid import (
     split_areas,
     task_significance,
 )
+from tid_core.spec import DistillSpec
 
 NUM_CLASSES = 3
 GT = [0.0, 0.0, 10.0, 10.0]  # area 100, label 1
@@ -213,7 +214,8 @@ def test_task_significance_ignores_gradients_of_head_outputs() -> None:
 
 # ---- LDAM: split_areas -------------------------------------------------------------------------
 
-# teacher, student, expected area with defaults (tau_key 2.25, tau_weak 0.9)
+# teacher, student, expected area with TID.md's starting thresholds (tau_key 2.25, tau_weak 0.9)
+TID_MD = {"tau_key": 2.25, "tau_weak": 0.9}
 AREA_CASES: list[tuple[float, float, str]] = [
     (4.0, 4.0, "key"),  # both right
     (4.0, 3.0, "weak"),  # difference 1.0 >= 0.9
@@ -232,10 +234,31 @@ AREA_CASES: list[tuple[float, float, str]] = [
 def test_split_areas_gives_hand_computed_key_and_weak_masks() -> None:
     score_t = torch.tensor([[c[0] for c in AREA_CASES]])
     score_s = torch.tensor([[c[1] for c in AREA_CASES]])
-    key, weak = split_areas(score_t, score_s)
+    key, weak = split_areas(score_t, score_s, **TID_MD)
     assert key.tolist() == [[c[2] == "key" for c in AREA_CASES]]
     assert weak.tolist() == [[c[2] == "weak" for c in AREA_CASES]]
     assert not (key & weak).any()
+
+
+# the spec's tuned defaults (tau_key 0.8, tau_weak 0.6): right on one task is significant
+DEFAULT_CASES: list[tuple[float, float, str]] = [
+    (0.8, 0.8, "key"),  # teacher right on one task (2.0 x 0.4), the student too
+    (0.8, 0.16, "weak"),  # ... the student on neither: a 0.64 lead
+    (0.6, 0.16, "rest"),  # teacher only mid on one task (1.5 x 0.4)
+    (3.0, 2.25, "weak"),  # a 0.75 lead is weak now
+    (4.0, 3.5, "key"),  # a 0.5 lead is not
+    (2.25, 0.8, "weak"),
+    (0.16, 4.0, "rest"),
+]
+
+
+def test_split_areas_with_the_spec_defaults() -> None:
+    spec = DistillSpec()
+    score_t = torch.tensor([[c[0] for c in DEFAULT_CASES]])
+    score_s = torch.tensor([[c[1] for c in DEFAULT_CASES]])
+    key, weak = split_areas(score_t, score_s, tau_key=spec.tau_key, tau_weak=spec.tau_weak)
+    assert key.tolist() == [[c[2] == "key" for c in DEFAULT_CASES]]
+    assert weak.tolist() == [[c[2] == "weak" for c in DEFAULT_CASES]]
 
 
 def test_split_areas_thresholds_are_inclusive() -> None:
@@ -250,7 +273,7 @@ def test_split_areas_thresholds_are_inclusive() -> None:
 def test_split_areas_without_weak_areas_puts_all_significant_locations_in_key() -> None:
     score_t = torch.tensor([[c[0] for c in AREA_CASES]])
     score_s = torch.tensor([[c[1] for c in AREA_CASES]])
-    key, weak = split_areas(score_t, score_s, weak_areas=False)
+    key, weak = split_areas(score_t, score_s, **TID_MD, weak_areas=False)
     assert key.tolist() == [[c[0] >= 2.25 for c in AREA_CASES]]
     assert weak.dtype == torch.bool
     assert not weak.any()
@@ -309,7 +332,7 @@ def test_cls_only_keeps_right_class_bad_box_student_location_in_key() -> None:
     for tasks in [("cls", "reg"), ("cls",), ("reg",)]:
         score_t = task_significance(teacher, one_gt(), tasks=tasks)
         score_s = task_significance(student, one_gt(), tasks=tasks)
-        key, weak = split_areas(score_t, score_s)
+        key, weak = split_areas(score_t, score_s, **TID_MD)
         masks[tasks] = (key.tolist(), weak.tolist())
     # both tasks: student scores 3 and 0.8 vs teacher 4 -> both weak
     assert masks[("cls", "reg")] == ([[False, False]], [[True, True]])
@@ -324,7 +347,8 @@ def test_reg_only_makes_teacher_right_box_wrong_class_location_key() -> None:
     student = make_outputs([[IOU_1]], [[probs_row(2, 0.9)]])
     for tasks, expected_key in [(("cls", "reg"), False), (("reg",), True), (("cls",), False)]:
         score_t = task_significance(teacher, one_gt(), tasks=tasks)
-        key, weak = split_areas(score_t, task_significance(student, one_gt(), tasks=tasks))
+        score_s = task_significance(student, one_gt(), tasks=tasks)
+        key, weak = split_areas(score_t, score_s, **TID_MD)
         assert key.item() is expected_key, tasks
         assert not weak.any()
 

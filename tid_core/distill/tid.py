@@ -161,8 +161,8 @@ def split_areas(
     score_t: Tensor,
     score_s: Tensor,
     *,
-    tau_key: float = 2.25,
-    tau_weak: float = 0.9,
+    tau_key: float,
+    tau_weak: float,
     weak_areas: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """LDAM: boolean masks (key, weak) from teacher and student significance; rest = neither.
