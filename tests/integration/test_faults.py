@@ -278,8 +278,10 @@ def test_database_restarted_while_a_job_runs_and_as_it_finishes_the_job_finishes
     time.sleep(4)  # training goes on; events wait in events.jsonl
     f.pg.start()
 
-    # again as the trainer exports and exits: the outcome must still be written
-    f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "export")
+    # again as the trainer evaluates, exports and exits: the outcome must still be written.
+    # Caught at the final evaluation, which lasts seconds: at the export phase a quiet machine
+    # can finish the job before the trainer is found
+    f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "eval")
     pid = rank0_trainer(f.run_dir(job_id))
     os.kill(pid, signal.SIGSTOP)  # hold it until the database is down
     f.pg.stop()
