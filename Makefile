@@ -23,13 +23,13 @@ typecheck: venv
 	$(VENV)/bin/mypy
 
 unit: venv
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test: lint typecheck unit
 
 # the fault matrix (docs/RELIABILITY.md): minutes, on private PostgreSQL/Redis servers
 test-faults: venv
-	$(PY) -m pytest -q -m faults tests/integration/test_faults.py
+	$(PY) -m pytest -q --durations=5 -m faults tests/integration/test_faults.py
 
 # benchmarks (docs/BENCHMARKS.md): `bench` is a smoke run of each script at tiny sizes,
 # `bench-full` the documented sizes, with the figures in var/bench/*.json. PYTHONPATH: the

@@ -14,6 +14,7 @@ and teacher). The same command serves real COCO on a GPU:
 
     python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--device cuda]
         [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
+        [--teacher-epochs N] [--student-epochs N]
 
 `--tune` runs the TID loss-weight/gamma grid on the tuning dataset and seed (disjoint from the
 reporting ones) instead of the comparison.
@@ -297,6 +298,8 @@ def students(
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     size = sizes(args.quick)
+    size["teacher_epochs"] = args.teacher_epochs or size["teacher_epochs"]
+    size["student_epochs"] = args.student_epochs or size["student_epochs"]
     seeds = (
         [int(s) for s in args.seeds.split(",")]
         if args.seeds
@@ -408,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="set each method's loss weight so its initial distill/detection gradient ratio is R",
     )
+    parser.add_argument("--teacher-epochs", type=int, help="default: the demo's 6")
+    parser.add_argument("--student-epochs", type=int, help="every student's; default: the demo's 3")
     parser.add_argument("--tune", action="store_true", help="run TID's tuning grid instead")
     parser.add_argument("--tune-dataset", help="held-out COCO folder for --tune with --dataset")
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")

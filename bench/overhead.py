@@ -1,8 +1,12 @@
 """Distillation overhead: each method's train step / (student-only step + teacher no-grad forward).
 
 All steps go through the trainer's own `train_one_epoch` (same autocast, scaler, clipping and
-host syncs) on one real synthetic batch, measured round-robin in one process so drift hits every
-method alike. A ratio of 1.00 means distillation costs nothing beyond running the teacher.
+host syncs) on one real synthetic batch, measured round-robin in one process; each ratio is
+taken within a round and the median over rounds reported with its range, so the drift between
+rounds (large on shared GPUs and CPUs) cancels. Each round's steps are timed by the host clock
+between device syncs: `train_one_epoch` syncs every step (loss all-reduce and finite check), so
+that is the step time a job pays. A ratio of 1.00 means distillation costs nothing beyond
+running the teacher.
 
     python bench/overhead.py [--quick] [--device cuda] [--json FILE]
 """
@@ -134,14 +138,27 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for _ in range(args.rounds):
         for name, run in runners.items():
             samples[name].append(run(args.steps))
-    ms = {name: 1000 * statistics.median(v) for name, v in samples.items()}
-    base = ms["student"] + ms["teacher_fwd"]
-    result: dict[str, Any] = {f"{m}_ratio": round(ms[m] / base, 3) for m in METHODS}
-    result.update({f"{name}_ms": round(v, 2) for name, v in ms.items()})
+    result = ratios(samples)
     result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
         "torch": torch.__version__,
         "device_name": device_name(device),
     }
+    return result
+
+
+def ratios(samples: dict[str, list[float]]) -> dict[str, Any]:
+    """Each method's ratio within each round (its step over that round's student step plus
+    teacher forward), then the median and range over rounds: pairing within a round cancels
+    the drift between rounds that a ratio of medians would keep."""
+    base = [s + t for s, t in zip(samples["student"], samples["teacher_fwd"], strict=True)]
+    result: dict[str, Any] = {}
+    for m in METHODS:
+        per_round = [x / b for x, b in zip(samples[m], base, strict=True)]
+        result[f"{m}_ratio"] = round(statistics.median(per_round), 3)
+        result[f"{m}_ratio_range"] = [round(min(per_round), 3), round(max(per_round), 3)]
+    result.update(
+        {f"{name}_ms": round(1000 * statistics.median(v), 2) for name, v in samples.items()}
+    )
     return result
 
 
@@ -158,13 +175,16 @@ def print_table(result: dict[str, Any]) -> None:
         f", batch {cfg['batch_size']} x {cfg['image_size']} px, {cfg['device_name']}, "
         f"AMP {'on' if cfg['amp'] and cfg['device'].startswith('cuda') else 'off'}"
     )
-    print(f"{'step':<14}{'ms':>10}{'ratio':>10}")
+    print(f"{'step':<14}{'ms':>10}{'ratio':>10}{'rounds':>16}")
     base = result["student_ms"] + result["teacher_fwd_ms"]
-    print(f"{'student only':<14}{result['student_ms']:>10.1f}{'':>10}")
-    print(f"{'teacher fwd':<14}{result['teacher_fwd_ms']:>10.1f}{'':>10}")
+    print(f"{'student only':<14}{result['student_ms']:>10.1f}")
+    print(f"{'teacher fwd':<14}{result['teacher_fwd_ms']:>10.1f}")
     print(f"{'sum':<14}{base:>10.1f}{1.0:>10.3f}")
     for m in METHODS:
-        print(f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}")
+        lo, hi = result[f"{m}_ratio_range"]
+        spread = f"{lo:.3f}-{hi:.3f}"
+        print(f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}{spread:>16}")
+    print(f"(ms: medians over {cfg['rounds']} rounds; ratio: median of the per-round ratios)")
 
 
 def main(argv: list[str] | None = None) -> int:

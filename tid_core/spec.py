@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -25,6 +25,11 @@ ARCHS: tuple[Arch, ...] = ("fcos", "retinanet")
 BACKBONES: tuple[Backbone, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
 METHODS: tuple[Method, ...] = ("none", "fitnet", "pkd", "tid")
 NUM_LEVELS = 5  # P3..P7, strides 8..128, for every backbone
+# the DistillSpec options only TID reads (FitNet and PKD are defined by their normalisation)
+TID_OPTIONS = frozenset(
+    {"normalize", "tasks", "weak_areas", "alpha", "beta", "gamma", "pos_iou", "neg_iou", "p_min"}
+    | {"cls_match", "tau_key", "tau_weak"}
+)
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\- ]+$")]
 PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
@@ -146,6 +151,16 @@ class DistillSpec(_Strict):
             )
         return self
 
+    def options_read(self) -> dict[str, Any]:
+        """The options this method reads, as JSON: `none` reads none, FitNet and PKD not
+        TID's, so a changed TID default does not change a plain or baseline job's hash."""
+        if self.method == "none":
+            return {"method": "none"}
+        data = self.model_dump(mode="json")
+        if self.method == "tid":
+            return data
+        return {k: v for k, v in data.items() if k not in TID_OPTIONS}
+
 
 class ScheduleSpec(_Strict):
     """Optimisation schedule. Milestones are epochs; warm-up and logging are iterations."""
@@ -212,6 +227,8 @@ class JobSpec(_Strict):
         return self
 
     def spec_hash(self) -> str:
-        """A stable hash of the spec's content (key order and defaults do not change it)."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """A stable hash of what the job does: key order, spelled-out defaults and options its
+        method does not read do not change it (a cached teacher survives a new TID default)."""
+        content = self.model_dump(mode="json") | {"distill": self.distill.options_read()}
+        canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()

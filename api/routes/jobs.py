@@ -132,8 +132,8 @@ def submit_job(
     response: Response,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=256)] = None,
 ) -> JobPublic:
-    """Queue a job. A repeated Idempotency-Key with the same body answers with the job it
-    created (no new row, and no quota check); with another body it is a 422."""
+    """Queue a job. A repeated Idempotency-Key with the same job (equal `spec_hash`) answers
+    with the job it created (no new row, and no quota check); with another job it is a 422."""
     request_hash = spec.spec_hash()
     job = None
     if idempotency_key:

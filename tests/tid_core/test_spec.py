@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tid_core.spec import BuiltinDataset, JobSpec, PathWeights
+from tid_core.spec import TID_OPTIONS, BuiltinDataset, DistillSpec, JobSpec, PathWeights
 
 FULL: dict[str, Any] = {
     "name": "r50-to-mbv3",
@@ -114,6 +115,41 @@ def test_spec_hash_is_stable_under_key_order_and_spelled_out_defaults() -> None:
 def test_spec_hash_changes_when_a_field_changes(change: dict[str, Any]) -> None:
     first = JobSpec.model_validate(FULL).spec_hash()
     assert JobSpec.model_validate(spec(**change)).spec_hash() != first
+
+
+def method_spec(method: str, **options: Any) -> JobSpec:
+    data = spec(distill={"method": method, **options})
+    if method == "none":
+        del data["teacher"]
+    return JobSpec.model_validate(data)
+
+
+@pytest.mark.parametrize(
+    ("method", "ignored", "read"),
+    [
+        ("none", {"loss_weight": 2.0, "levels": [0], "tau_key": 0.3}, {}),
+        ("fitnet", {"tau_key": 0.3, "gamma": 1.0, "tasks": ["reg"]}, {"levels": [0]}),
+        ("pkd", {"tau_weak": 0.3, "cls_match": "point", "normalize": False}, {"loss_weight": 2.0}),
+        ("tid", {}, {"tau_key": 0.3}),
+        ("tid", {}, {"normalize": False}),
+    ],
+)
+def test_spec_hash_covers_the_options_the_method_reads(
+    method: str, ignored: dict[str, Any], read: dict[str, Any]
+) -> None:
+    # a cached teacher (method none) keeps its hash when a TID default changes
+    first = method_spec(method).spec_hash()
+    assert method_spec(method, **ignored).spec_hash() == first
+    if read:
+        assert method_spec(method, **read).spec_hash() != first
+
+
+def test_tid_options_are_the_tid_losss_parameters() -> None:
+    from tid_core.distill.tid import TIDLoss
+
+    assert set(DistillSpec.model_fields) >= TID_OPTIONS
+    # levels go to the Distiller, which every method uses
+    assert set(inspect.signature(TIDLoss).parameters) - {"levels"} == TID_OPTIONS
 
 
 def test_spec_rejects_distillation_without_teacher() -> None:
