@@ -69,12 +69,12 @@ def service(port: int) -> Iterator[Client]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for name, cmd in commands.items():
-            out = (logs / f"{name}.log").open("ab")
-            procs.append(
-                subprocess.Popen(
-                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own copy
+                procs.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    )
                 )
-            )
         client = Client(f"http://127.0.0.1:{port}", key)
         _wait_ready(client, procs, logs)
         print(f"API on {client.url}, worker started; logs in {logs}", flush=True)

@@ -35,6 +35,21 @@ REDIS = os.environ.get("TID_TEST_REDIS_URL")  # e.g. redis://127.0.0.1:6379
 BACKENDS = ["embedded"] + (["postgres-redis"] if POSTGRES and REDIS else [])
 
 
+def _stacks(pid: int) -> str:
+    """The Python stacks of a hung process and its children (py-spy, a dev dependency)."""
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        dump = subprocess.run(
+            [str(spy), "dump", "--subprocesses", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no stack: {exc})"
+    return dump.stdout or dump.stderr
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -69,14 +84,14 @@ class Stack:
 
     def start(self, name: str, *args: str, **env: str) -> subprocess.Popen[bytes]:
         """`tid ARGS...` as process `name`; `env` overrides the stack's environment."""
-        out = (self.logs / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", *args],
-            env={**self.env, **env},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (self.logs / f"{name}.log").open("ab") as out:  # the child keeps its own copy
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "api.cli", *args],
+                env={**self.env, **env},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.procs[name] = proc
         return proc
 
@@ -95,9 +110,13 @@ class Stack:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                stacks = _stacks(proc.pid)
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-                warnings.warn(f"{name} ignored signal {sig} for {timeout} s: killed", stacklevel=2)
+                warnings.warn(
+                    f"{name} ignored signal {sig} for {timeout} s: killed; it hung in\n{stacks}",
+                    stacklevel=2,
+                )
 
     def log(self, name: str) -> str:
         return (self.logs / f"{name}.log").read_text(errors="replace")[-4000:]
@@ -151,6 +170,7 @@ def running_stack(
         yield stack
     finally:
         stack.stop(*stack.procs)
+        client.http.close()
 
 
 @pytest.fixture(params=BACKENDS)
