@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bench.accuracy import METHODS
+from bench.accuracy import METHODS, job_spec
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -39,9 +39,29 @@ def row_names(table: str, count: int) -> list[str]:
     return [line.split()[0] for line in table.splitlines()[4 : 4 + count]]
 
 
-def test_accuracy_quick_prints_every_method_and_writes_json(tmp_path: Path) -> None:
-    table, figures = run_quick(tmp_path)
-    methods = ["teacher", *METHODS]
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_is_a_valid_distill_block(name: str) -> None:
+    teacher = {"backbone": "resnet18", "weights": {"path": "teacher.safetensors"}}
+    spec = job_spec(
+        "check",
+        {},
+        {"path": "data"},
+        epochs=3,
+        seed=1,
+        device="cpu",
+        distill=METHODS[name],
+        teacher=teacher if name != "none" else None,
+    )  # validates
+    assert spec["distill"] == METHODS[name]
+
+
+# one of each loss (FitNet, PKD, TID) and an ablation: every method's block is checked above
+QUICK_METHODS = ["none", "fitnet", "pkd", "tid", "tid-reg"]
+
+
+def test_accuracy_quick_prints_its_methods_and_writes_json(tmp_path: Path) -> None:
+    table, figures = run_quick(tmp_path, "--methods", ",".join(QUICK_METHODS))
+    methods = ["teacher", *QUICK_METHODS]
     assert row_names(table, len(methods)) == methods
     assert set(figures["methods"]) == set(methods)
     for name in methods[2:]:
