@@ -158,12 +158,14 @@ def test_worker_sigkilled_mid_epoch_its_trainer_stops_and_another_worker_resumes
     f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 3)  # past epoch 1's checkpoint
 
     f.stack.stop("worker-a", sig=signal.SIGKILL)  # the whole Celery process group, no clean-up
+    # still running until its lease runs out (read at once: the orphaned trainer's checkpoint
+    # and exit below can outlast the 5 s lease on a slow machine)
+    assert read_job(f.settings, job_id).state == "running"
 
     deadline = time.monotonic() + 60  # the orphaned trainer must stop by itself, soon
     while trainer_processes(f.run_dir(job_id)) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert trainer_processes(f.run_dir(job_id)) == {}
-    assert read_job(f.settings, job_id).state == "running"  # until its lease runs out
     f.stack.start_worker("worker-b")
     job = f.wait(job_id)
 
