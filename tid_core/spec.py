@@ -156,10 +156,9 @@ class DistillSpec(_Strict):
         TID's, so a changed TID default does not change a plain or baseline job's hash."""
         if self.method == "none":
             return {"method": "none"}
-        data = self.model_dump(mode="json")
-        if self.method == "tid":
-            return data
-        return {k: v for k, v in data.items() if k not in TID_OPTIONS}
+        return self.model_dump(
+            mode="json", exclude=None if self.method == "tid" else set(TID_OPTIONS)
+        )
 
 
 class ScheduleSpec(_Strict):
@@ -229,6 +228,7 @@ class JobSpec(_Strict):
     def spec_hash(self) -> str:
         """A stable hash of what the job does: key order, spelled-out defaults and options its
         method does not read do not change it (a cached teacher survives a new TID default)."""
-        content = self.model_dump(mode="json") | {"distill": self.distill.options_read()}
+        content = self.model_dump(mode="json", exclude={"distill"})
+        content["distill"] = self.distill.options_read()
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
