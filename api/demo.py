@@ -30,19 +30,19 @@ from tid_core import recipes
 
 def job_specs(dataset_id: str, *, quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher spec, and a student spec template (method and teacher filled in later)."""
-    t_epochs, s_epochs = recipes.epochs(quick=quick)
-    dataset = {"id": dataset_id, "input_size": recipes.IMAGE_SIZE}
+    r = recipes.recipe(quick=quick)
+    dataset = {"id": dataset_id, "input_size": r.image_size}
     teacher = {
         "name": "demo-teacher",
-        "student": recipes.TEACHER,
+        "student": r.teacher,
         "dataset": dataset,
-        "schedule": recipes.schedule(t_epochs),
+        "schedule": r.schedule(r.teacher_epochs),
         "resources": recipes.RESOURCES,
     }
     student = {
-        "student": recipes.STUDENT,
+        "student": r.student,
         "dataset": dataset,
-        "schedule": recipes.schedule(s_epochs),
+        "schedule": r.schedule(r.student_epochs),
         "resources": recipes.RESOURCES,
     }
     return teacher, student
@@ -80,9 +80,8 @@ def service(port: int) -> Iterator[Client]:
         print(f"API on {client.url}, worker started; logs in {logs}", flush=True)
         yield client
     finally:
-        for proc in procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:  # the main process only, as `docker stop` does: the worker
+            proc.terminate()  # hands a running job back and stops its pool itself
         for proc in procs:
             try:
                 proc.wait(timeout=30)
@@ -105,17 +104,17 @@ def _wait_ready(client: Client, procs: list[subprocess.Popen[bytes]], logs: Path
 
 
 def _dataset(client: Client, *, quick: bool) -> str:
-    n_train, n_val = recipes.dataset_size(quick=quick)
-    name = f"demo-shapes-{n_train}"
+    r = recipes.recipe(quick=quick)
+    name = f"demo-shapes-{r.num_train}"
     for ds in client.request("GET", "/v1/datasets")["data"]:
         if ds["name"] == name and ds["state"] == "ready":
             return str(ds["id"])
     body = {
         "name": name,
         "builtin": "shapes",
-        "num_train": n_train,
-        "num_val": n_val,
-        "image_size": recipes.IMAGE_SIZE,
+        "num_train": r.num_train,
+        "num_val": r.num_val,
+        "image_size": r.image_size,
         "seed": 0,
     }
     ds = client.create_dataset(body)

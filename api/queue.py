@@ -32,6 +32,9 @@ def make_celery(settings: Settings) -> Celery:
             "processed_folder": str(folders["processed"]),
             "control_folder": str(folders["control"]),  # else kombu writes ./control
             "store_processed": False,
+            # a listing of a local folder is cheap: a worker sees a message, or its own shutdown,
+            # within 0.2 s instead of kombu's 1 s
+            "polling_interval": 0.2,
         }
     app.conf.update(
         broker_transport_options=options,

@@ -23,6 +23,7 @@ reporting ones) instead of the comparison.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -71,45 +72,19 @@ TUNE_GRID = {"loss_weight": (0.25, 0.5, 1.0), "gamma": (0.5, 1.0)}
 PROBE_BATCHES = 4
 
 
-def sizes(quick: bool) -> dict[str, Any]:
-    """Data, models and budgets: tiny for the smoke test, the demo's recipe otherwise."""
-    if quick:
-        return {
-            "num_train": 32,
-            "num_val": 8,
-            "image_size": 64,
-            "teacher": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 128},
-            "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
-            "teacher_epochs": 1,
-            "student_epochs": 1,
-        }
-    n_train, n_val = recipes.dataset_size(quick=False)
-    t_epochs, s_epochs = recipes.epochs(quick=False)
-    return {
-        "num_train": n_train,
-        "num_val": n_val,
-        "image_size": recipes.IMAGE_SIZE,
-        "teacher": recipes.TEACHER,
-        "student": recipes.STUDENT,
-        "teacher_epochs": t_epochs,
-        "student_epochs": s_epochs,
-    }
-
-
 def job_spec(
     name: str,
     model: dict[str, Any],
     dataset: dict[str, Any],
     *,
+    recipe: recipes.Recipe,
     epochs: int,
     seed: int,
     device: str,
     distill: dict[str, Any] | None = None,
     teacher: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    schedule = recipes.schedule(epochs)
-    if epochs == 1:
-        schedule["warmup_iters"] = 4
+    schedule = recipe.schedule(epochs)
     spec: dict[str, Any] = {
         "name": name,
         "student": model,
@@ -197,20 +172,20 @@ def format_rows(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def prepare_data(args: argparse.Namespace, size: dict[str, Any]) -> Path:
+def prepare_data(args: argparse.Namespace, size: recipes.Recipe) -> Path:
     if args.dataset:
         return Path(args.dataset)
     data: Path = generate_shapes(
-        args.out / f"shapes-{size['num_train']}-{size['image_size']}",
-        num_train=size["num_train"],
-        num_val=size["num_val"],
-        image_size=size["image_size"],
+        args.out / f"shapes-{size.num_train}-{size.image_size}",
+        num_train=size.num_train,
+        num_val=size.num_val,
+        image_size=size.image_size,
         seed=0,
     )
     return data
 
 
-def tuning_data(args: argparse.Namespace, size: dict[str, Any], data: Path) -> Path:
+def tuning_data(args: argparse.Namespace, size: recipes.Recipe, data: Path) -> Path:
     """The training split of `data` with a validation split of other images: tuning never
     looks at the images the final table is measured on."""
     if args.dataset:
@@ -218,13 +193,13 @@ def tuning_data(args: argparse.Namespace, size: dict[str, Any], data: Path) -> P
             raise SystemExit("--tune with --dataset needs --tune-dataset (a held-out COCO folder)")
         return Path(args.tune_dataset)
     other = generate_shapes(
-        args.out / f"shapes-{size['num_train']}-{size['image_size']}-heldout",
+        args.out / f"shapes-{size.num_train}-{size.image_size}-heldout",
         num_train=1,
-        num_val=size["num_val"],
-        image_size=size["image_size"],
+        num_val=size.num_val,
+        image_size=size.image_size,
         seed=TUNING_SEED + 7,
     )
-    root: Path = args.out / f"tuning-{size['num_train']}-{size['image_size']}"
+    root: Path = args.out / f"tuning-{size.num_train}-{size.image_size}"
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, source in (("train", data), ("val", other)):
         ann = root / "annotations" / f"instances_{split}.json"
@@ -235,13 +210,14 @@ def tuning_data(args: argparse.Namespace, size: dict[str, Any], data: Path) -> P
 
 
 def train_teacher(
-    args: argparse.Namespace, size: dict[str, Any], data: Path, dataset: dict[str, Any]
+    args: argparse.Namespace, size: recipes.Recipe, data: Path, dataset: dict[str, Any]
 ) -> tuple[dict[str, Any], Path]:
     spec = job_spec(
         "bench-teacher",
-        size["teacher"],
+        size.teacher,
         dataset,
-        epochs=size["teacher_epochs"],
+        recipe=size,
+        epochs=size.teacher_epochs,
         seed=0,
         device=args.device,
     )
@@ -256,7 +232,7 @@ def train_teacher(
 def students(
     args: argparse.Namespace,
     methods: dict[str, dict[str, Any]],
-    size: dict[str, Any],
+    size: recipes.Recipe,
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     weights: dict[str, float],
@@ -273,9 +249,10 @@ def students(
         for seed in seeds:
             spec = job_spec(
                 f"bench-{name}-s{seed}",
-                size["student"],
+                size.student,
                 dataset,
-                epochs=size["student_epochs"],
+                recipe=size,
+                epochs=size.student_epochs,
                 seed=seed,
                 device=args.device,
                 distill=distill,
@@ -297,9 +274,12 @@ def students(
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    size = sizes(args.quick)
-    size["teacher_epochs"] = args.teacher_epochs or size["teacher_epochs"]
-    size["student_epochs"] = args.student_epochs or size["student_epochs"]
+    size = recipes.recipe(quick=args.quick)
+    size = dataclasses.replace(
+        size,
+        teacher_epochs=args.teacher_epochs or size.teacher_epochs,
+        student_epochs=args.student_epochs or size.student_epochs,
+    )
     seeds = (
         [int(s) for s in args.seeds.split(",")]
         if args.seeds
@@ -310,13 +290,13 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     elif TUNING_SEED in seeds and not args.quick:
         raise SystemExit(f"seed {TUNING_SEED} is the tuning seed: report on other seeds")
     data = prepare_data(args, size)
-    dataset = {"path": str(data), "input_size": size["image_size"]}
+    dataset = {"path": str(data), "input_size": size.image_size}
     started = time.monotonic()
     teacher_run, teacher_weights = train_teacher(args, size, data, dataset)
-    teacher = {**size["teacher"], "weights": {"path": str(teacher_weights)}}
+    teacher = {**size.teacher, "weights": {"path": str(teacher_weights)}}
     teacher_ap = float(teacher_run["metrics"]["AP"])
     if args.tune:
-        held_out = {"path": str(tuning_data(args, size, data)), "input_size": size["image_size"]}
+        held_out = {"path": str(tuning_data(args, size, data)), "input_size": size.image_size}
         return tune(args, size, held_out, teacher, teacher_ap)
 
     results = students(args, {"none": METHODS["none"]}, size, dataset, teacher, {}, seeds)
@@ -337,8 +317,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for name in distilled:
         probe = job_spec(
             "probe",
-            size["student"],
+            size.student,
             dataset,
+            recipe=size,
             epochs=1,
             seed=seeds[0],
             device=args.device,
@@ -375,7 +356,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def tune(
     args: argparse.Namespace,
-    size: dict[str, Any],
+    size: recipes.Recipe,
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     teacher_ap: float,

@@ -125,8 +125,7 @@ class Processes:
 
     def stop(self, name: str) -> None:
         proc = self.procs.pop(name)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        proc.terminate()  # the main process only, as `docker stop` does (docs/RELIABILITY.md)
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

@@ -10,24 +10,40 @@ trained to the end or killed. `shutdown_event()` is how a job learns of it, in a
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
-from billiard.process import active_children
 from celery import signals
 
 from api.queue import make_celery
 from api.settings import get_settings
+from worker.runner import Flag
 
 settings = get_settings()
 app = make_celery(settings)
 
-_SHUTDOWN = threading.Event()  # this process is going away: running jobs hand themselves back
+# This worker is going away: running jobs hand themselves back. Made at import, before the
+# prefork pool forks, so the pool's children see the main process set it: they are never sent
+# a signal of their own (an idle child killed by SIGTERM can die holding the pool's queue lock,
+# and the pool then hangs at exit waiting for it; docs/RELIABILITY.md).
+_SHUTDOWN = multiprocessing.get_context("fork").Event()
 _main_pid: int | None = None  # the worker's main process; prefork children have other pids
+
+
+@dataclass(frozen=True)
+class AnyFlag:
+    """Set when any of its flags is."""
+
+    flags: tuple[Flag, ...]
+
+    def is_set(self) -> bool:
+        return any(flag.is_set() for flag in self.flags)
 
 
 def _on_worker_init(**_: Any) -> None:
@@ -35,17 +51,10 @@ def _on_worker_init(**_: Any) -> None:
     _main_pid = os.getpid()
 
 
-def _on_shutting_down(sig: str, **_: Any) -> None:
-    """Celery's warm shutdown, in the main process. Jobs running in this process (solo or
-    threads pool) see the event; prefork children running one get the SIGTERM that `docker
-    stop` sent only to this process, since the warm shutdown would wait for the job to end."""
+def _on_shutting_down(**_: Any) -> None:
+    """Celery's warm shutdown, in the main process: jobs running in it (solo or threads pool)
+    or in its prefork children see the event, since the warm shutdown would wait for them."""
     _SHUTDOWN.set()
-    if sig != "SIGTERM":
-        return
-    for child in active_children():
-        if child.pid is not None:
-            with suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM)
 
 
 signals.worker_init.connect(_on_worker_init)
@@ -53,15 +62,17 @@ signals.worker_shutting_down.connect(_on_shutting_down)
 
 
 @contextmanager
-def shutdown_event() -> Iterator[threading.Event]:
-    """The event a job watches while it runs. In a prefork child, SIGTERM sets it for that
-    time instead of billiard's handler, which would exit the child and orphan the trainer."""
+def shutdown_event() -> Iterator[Flag]:
+    """The flag a job watches while it runs. In a prefork child, a SIGTERM to the child itself
+    (its process group signalled) also sets it for that time, instead of billiard's default
+    exit, which would orphan the trainer."""
     if _main_pid is None or os.getpid() == _main_pid:
         yield _SHUTDOWN
         return
-    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: _SHUTDOWN.set())
+    signalled = threading.Event()
+    previous = signal.signal(signal.SIGTERM, lambda _signum, _frame: signalled.set())
     try:
-        yield _SHUTDOWN
+        yield AnyFlag((_SHUTDOWN, signalled))
     finally:
         signal.signal(signal.SIGTERM, previous)
 

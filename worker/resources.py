@@ -1,5 +1,8 @@
 """Short worker tasks that make an uploaded or registered resource `ready` (they need torch).
 
+Torch is imported by the first such task, not when the worker starts: it is 5 of the 6 s a
+worker takes to import, and training jobs run it in the trainer process, never here.
+
 A dataset is `ready` once both splits parse as COCO and their images exist; an uploaded model
 once its weights load, without unpickling code, into the detector its own metadata describes.
 Either is `failed` with the reason otherwise. A resource that is no longer `pending` is left
@@ -11,17 +14,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import update
 
 from api.db.models import Dataset, Model
 from api.db.session import session_scope
 from api.settings import Settings
-from tid_core.data.coco import CocoDetection
 from tid_core.data.synthetic import generate_shapes
-from tid_core.models import load_student
 from tid_core.spec import BuiltinDataset
+
+if TYPE_CHECKING:
+    from tid_core.data.coco import CocoDetection
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,8 @@ def _decide(settings: Settings, kind: type[Row], id_: str, **values: Any) -> Non
 def _count_split(root: Path, split: str, *, allowed: list[Path]) -> CocoDetection:
     """The split, once each of its images exists and resolves under an allowed folder: a
     `file_name` with `..` or a symlink must not make the trainer read files outside them."""
+    from tid_core.data.coco import CocoDetection
+
     ds = CocoDetection(root, split, train=False)
     paths = [ds.image_path(i) for i in range(len(ds))]
     outside = [p for p in paths if not any(p.resolve().is_relative_to(a) for a in allowed)]
@@ -113,6 +119,8 @@ def check_model(model_id: str, *, settings: Settings) -> None:
     row = _pending(settings, Model, model_id)
     if row is None:
         return
+    from tid_core.models import load_student
+
     try:
         _, meta = load_student(Path(row.path))
     except (OSError, ValueError) as exc:  # WeightsMismatchError is a ValueError

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import desc, select
 
@@ -55,6 +55,12 @@ def worker_name(settings: Settings) -> str:
     return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
+class Flag(Protocol):
+    """What a running job watches to learn that its worker is going away."""
+
+    def is_set(self) -> bool: ...
+
+
 @dataclass(frozen=True)
 class _Run:
     """One attempt of one job on this worker."""
@@ -66,7 +72,7 @@ class _Run:
     settings: Settings
 
 
-def run_job(job_id: str, *, settings: Settings, shutdown: threading.Event | None = None) -> None:
+def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) -> None:
     """Claim and run `job_id` to a final state; a job that is not queued is left alone.
 
     `shutdown` set (this worker is going away) stops the trainer, which checkpoints, and hands
@@ -156,7 +162,7 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: threading.Event) -> str | None:
+def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: Flag) -> str | None:
     """Poll until the trainer exits; returns why we stopped it (cancel, shutdown, lease_lost)."""
     stop: str | None = None
     kill_at = math.inf

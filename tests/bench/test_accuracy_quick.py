@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from bench.accuracy import METHODS, job_spec
+from tid_core import recipes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -46,6 +47,7 @@ def test_every_method_is_a_valid_distill_block(name: str) -> None:
         "check",
         {},
         {"path": "data"},
+        recipe=recipes.QUICK,
         epochs=3,
         seed=1,
         device="cpu",

@@ -99,12 +99,15 @@ class Stack:
         return self.start(name, "worker")
 
     def stop(self, *names: str, sig: int = signal.SIGTERM, timeout: float = 60) -> None:
-        """Signal every named process group at once, then wait; a process still running
-        after `timeout` is killed, with a warning (a hang on shutdown is a defect to see)."""
+        """Signal every named process at once, then wait; a process still running after
+        `timeout` is killed, with a warning (a hang on shutdown is a defect to see). SIGKILL
+        goes to the whole process group (a lost machine); other signals to the main process
+        only, as `docker stop` does: a worker forwards SIGTERM to a running job itself."""
         procs = {name: self.procs.pop(name) for name in names}
+        send = os.killpg if sig == signal.SIGKILL else os.kill
         for proc in procs.values():
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
+                send(proc.pid, sig)
         deadline = time.monotonic() + timeout
         for name, proc in procs.items():
             try:
