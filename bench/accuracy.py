@@ -172,20 +172,20 @@ def format_rows(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def prepare_data(args: argparse.Namespace, size: recipes.Recipe) -> Path:
+def prepare_data(args: argparse.Namespace, recipe: recipes.Recipe) -> Path:
     if args.dataset:
         return Path(args.dataset)
     data: Path = generate_shapes(
-        args.out / f"shapes-{size.num_train}-{size.image_size}",
-        num_train=size.num_train,
-        num_val=size.num_val,
-        image_size=size.image_size,
+        args.out / f"shapes-{recipe.num_train}-{recipe.image_size}",
+        num_train=recipe.num_train,
+        num_val=recipe.num_val,
+        image_size=recipe.image_size,
         seed=0,
     )
     return data
 
 
-def tuning_data(args: argparse.Namespace, size: recipes.Recipe, data: Path) -> Path:
+def tuning_data(args: argparse.Namespace, recipe: recipes.Recipe, data: Path) -> Path:
     """The training split of `data` with a validation split of other images: tuning never
     looks at the images the final table is measured on."""
     if args.dataset:
@@ -193,13 +193,13 @@ def tuning_data(args: argparse.Namespace, size: recipes.Recipe, data: Path) -> P
             raise SystemExit("--tune with --dataset needs --tune-dataset (a held-out COCO folder)")
         return Path(args.tune_dataset)
     other = generate_shapes(
-        args.out / f"shapes-{size.num_train}-{size.image_size}-heldout",
+        args.out / f"shapes-{recipe.num_train}-{recipe.image_size}-heldout",
         num_train=1,
-        num_val=size.num_val,
-        image_size=size.image_size,
+        num_val=recipe.num_val,
+        image_size=recipe.image_size,
         seed=TUNING_SEED + 7,
     )
-    root: Path = args.out / f"tuning-{size.num_train}-{size.image_size}"
+    root: Path = args.out / f"tuning-{recipe.num_train}-{recipe.image_size}"
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, source in (("train", data), ("val", other)):
         ann = root / "annotations" / f"instances_{split}.json"
@@ -210,14 +210,14 @@ def tuning_data(args: argparse.Namespace, size: recipes.Recipe, data: Path) -> P
 
 
 def train_teacher(
-    args: argparse.Namespace, size: recipes.Recipe, data: Path, dataset: dict[str, Any]
+    args: argparse.Namespace, recipe: recipes.Recipe, data: Path, dataset: dict[str, Any]
 ) -> tuple[dict[str, Any], Path]:
     spec = job_spec(
         "bench-teacher",
-        size.teacher,
+        recipe.teacher,
         dataset,
-        recipe=size,
-        epochs=size.teacher_epochs,
+        recipe=recipe,
+        epochs=recipe.teacher_epochs,
         seed=0,
         device=args.device,
     )
@@ -232,7 +232,7 @@ def train_teacher(
 def students(
     args: argparse.Namespace,
     methods: dict[str, dict[str, Any]],
-    size: recipes.Recipe,
+    recipe: recipes.Recipe,
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     weights: dict[str, float],
@@ -249,10 +249,10 @@ def students(
         for seed in seeds:
             spec = job_spec(
                 f"bench-{name}-s{seed}",
-                size.student,
+                recipe.student,
                 dataset,
-                recipe=size,
-                epochs=size.student_epochs,
+                recipe=recipe,
+                epochs=recipe.student_epochs,
                 seed=seed,
                 device=args.device,
                 distill=distill,
@@ -274,11 +274,11 @@ def students(
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
-    size = recipes.recipe(quick=args.quick)
-    size = dataclasses.replace(
-        size,
-        teacher_epochs=args.teacher_epochs or size.teacher_epochs,
-        student_epochs=args.student_epochs or size.student_epochs,
+    recipe = recipes.recipe(quick=args.quick)
+    recipe = dataclasses.replace(
+        recipe,
+        teacher_epochs=args.teacher_epochs or recipe.teacher_epochs,
+        student_epochs=args.student_epochs or recipe.student_epochs,
     )
     seeds = (
         [int(s) for s in args.seeds.split(",")]
@@ -289,17 +289,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         seeds = [TUNING_SEED]
     elif TUNING_SEED in seeds and not args.quick:
         raise SystemExit(f"seed {TUNING_SEED} is the tuning seed: report on other seeds")
-    data = prepare_data(args, size)
-    dataset = {"path": str(data), "input_size": size.image_size}
+    data = prepare_data(args, recipe)
+    dataset = {"path": str(data), "input_size": recipe.image_size}
     started = time.monotonic()
-    teacher_run, teacher_weights = train_teacher(args, size, data, dataset)
-    teacher = {**size.teacher, "weights": {"path": str(teacher_weights)}}
+    teacher_run, teacher_weights = train_teacher(args, recipe, data, dataset)
+    teacher = {**recipe.teacher, "weights": {"path": str(teacher_weights)}}
     teacher_ap = float(teacher_run["metrics"]["AP"])
     if args.tune:
-        held_out = {"path": str(tuning_data(args, size, data)), "input_size": size.image_size}
-        return tune(args, size, held_out, teacher, teacher_ap)
+        held_out = {"path": str(tuning_data(args, recipe, data)), "input_size": recipe.image_size}
+        return tune(args, recipe, held_out, teacher, teacher_ap)
 
-    results = students(args, {"none": METHODS["none"]}, size, dataset, teacher, {}, seeds)
+    results = students(args, {"none": METHODS["none"]}, recipe, dataset, teacher, {}, seeds)
     base = summarise(results["none"])["AP"]
     margin_ok = teacher_ap >= base + TEACHER_MARGIN_AP
     if not margin_ok:
@@ -317,9 +317,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for name in distilled:
         probe = job_spec(
             "probe",
-            size.student,
+            recipe.student,
             dataset,
-            recipe=size,
+            recipe=recipe,
             epochs=1,
             seed=seeds[0],
             device=args.device,
@@ -333,7 +333,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         for name, ratio in unit.items()
     }
     blocks = {name: METHODS[name] for name in distilled}
-    results.update(students(args, blocks, size, dataset, teacher, weights, seeds))
+    results.update(students(args, blocks, recipe, dataset, teacher, weights, seeds))
 
     table: dict[str, dict[str, Any]] = {"teacher": summarise([teacher_run])}
     for name, runs in results.items():
@@ -356,7 +356,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def tune(
     args: argparse.Namespace,
-    size: recipes.Recipe,
+    recipe: recipes.Recipe,
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     teacher_ap: float,
@@ -371,7 +371,7 @@ def tune(
             for gamma in TUNE_GRID["gamma"]:
                 grid[f"tid-lw{lw}-g{gamma}"] = {"method": "tid", "loss_weight": lw, "gamma": gamma}
     methods = {"none": METHODS["none"], **grid}
-    results = students(args, methods, size, dataset, teacher, {}, [TUNING_SEED])
+    results = students(args, methods, recipe, dataset, teacher, {}, [TUNING_SEED])
     table = {name: summarise(runs) for name, runs in results.items()}
     return {"teacher_AP": teacher_ap, "tuning_seed": TUNING_SEED, "methods": table}
 

@@ -102,7 +102,7 @@ class Stack:
         """Signal every named process at once, then wait; a process still running after
         `timeout` is killed, with a warning (a hang on shutdown is a defect to see). SIGKILL
         goes to the whole process group (a lost machine); other signals to the main process
-        only, as `docker stop` does: a worker forwards SIGTERM to a running job itself."""
+        only, as `docker stop` does: a worker stops its pool and its running job itself."""
         procs = {name: self.procs.pop(name) for name in names}
         send = os.killpg if sig == signal.SIGKILL else os.kill
         for proc in procs.values():
