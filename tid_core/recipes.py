@@ -2,7 +2,7 @@
 
 Torch-free, like `tid_core.spec`: plain spec fragments. A ResNet18-FPN256 teacher trained twice
 as long as a ResNet18-FPN128 student, AdamW, 128 px synthetic shapes; sized to finish on two CPU
-cores in about ten minutes. `--quick` (a smoke test) halves both models at 64 px, 4 steps a job.
+cores in about ten minutes. `--quick` (a smoke test) halves both FPNs, at 64 px, 4 steps a job.
 """
 
 from __future__ import annotations
