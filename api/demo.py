@@ -30,19 +30,19 @@ from tid_core import recipes
 
 def job_specs(dataset_id: str, *, quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher spec, and a student spec template (method and teacher filled in later)."""
-    r = recipes.recipe(quick=quick)
-    dataset = {"id": dataset_id, "input_size": r.image_size}
+    recipe = recipes.recipe(quick=quick)
+    dataset = {"id": dataset_id, "input_size": recipe.image_size}
     teacher = {
         "name": "demo-teacher",
-        "student": r.teacher,
+        "student": recipe.teacher,
         "dataset": dataset,
-        "schedule": r.schedule(r.teacher_epochs),
+        "schedule": recipe.schedule(recipe.teacher_epochs),
         "resources": recipes.RESOURCES,
     }
     student = {
-        "student": r.student,
+        "student": recipe.student,
         "dataset": dataset,
-        "schedule": r.schedule(r.student_epochs),
+        "schedule": recipe.schedule(recipe.student_epochs),
         "resources": recipes.RESOURCES,
     }
     return teacher, student
@@ -104,17 +104,17 @@ def _wait_ready(client: Client, procs: list[subprocess.Popen[bytes]], logs: Path
 
 
 def _dataset(client: Client, *, quick: bool) -> str:
-    r = recipes.recipe(quick=quick)
-    name = f"demo-shapes-{r.num_train}"
+    recipe = recipes.recipe(quick=quick)
+    name = f"demo-shapes-{recipe.num_train}"
     for ds in client.request("GET", "/v1/datasets")["data"]:
         if ds["name"] == name and ds["state"] == "ready":
             return str(ds["id"])
     body = {
         "name": name,
         "builtin": "shapes",
-        "num_train": r.num_train,
-        "num_val": r.num_val,
-        "image_size": r.image_size,
+        "num_train": recipe.num_train,
+        "num_val": recipe.num_val,
+        "image_size": recipe.image_size,
         "seed": 0,
     }
     ds = client.create_dataset(body)

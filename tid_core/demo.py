@@ -26,28 +26,28 @@ from tid_core.events import read_events
 
 def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, dict[str, Any]]:
     """The demo's jobs, by name: the teacher first, then one student per method."""
-    r = recipes.recipe(quick=quick)
-    dataset = {"path": str(data), "input_size": r.image_size}
+    recipe = recipes.recipe(quick=quick)
+    dataset = {"path": str(data), "input_size": recipe.image_size}
     specs: dict[str, dict[str, Any]] = {
         "teacher": {
             "name": "demo-teacher",
-            "student": r.teacher,
+            "student": recipe.teacher,
             "dataset": dataset,
-            "schedule": r.schedule(r.teacher_epochs),
+            "schedule": recipe.schedule(recipe.teacher_epochs),
             "resources": recipes.RESOURCES,
         }
     }
     for method in ("none", "fitnet", "tid"):
         spec: dict[str, Any] = {
             "name": f"demo-student-{method}",
-            "student": r.student,
+            "student": recipe.student,
             "dataset": dataset,
             "distill": {"method": method},
-            "schedule": r.schedule(r.student_epochs),
+            "schedule": recipe.schedule(recipe.student_epochs),
             "resources": recipes.RESOURCES,
         }
         if method != "none":
-            spec["teacher"] = {**r.teacher, "weights": {"path": str(teacher_weights)}}
+            spec["teacher"] = {**recipe.teacher, "weights": {"path": str(teacher_weights)}}
         specs[method] = spec
     return specs
 
@@ -125,9 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("var/demo"), help="work folder")
     parser.add_argument("--quick", action="store_true", help="tiny budget (a smoke test)")
     args = parser.parse_args(argv)
-    r = recipes.recipe(quick=args.quick)
-    data = args.out / f"data-{r.num_train}"
-    generate_shapes(data, num_train=r.num_train, num_val=r.num_val, image_size=r.image_size, seed=0)
+    recipe = recipes.recipe(quick=args.quick)
+    data = args.out / f"data-{recipe.num_train}"
+    generate_shapes(
+        data,
+        num_train=recipe.num_train,
+        num_val=recipe.num_val,
+        image_size=recipe.image_size,
+        seed=0,
+    )
     teacher_weights = args.out / "teacher" / "student.safetensors"
     specs = job_specs(data, teacher_weights, quick=args.quick)
     results: dict[str, dict[str, Any]] = {}
