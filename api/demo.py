@@ -28,9 +28,8 @@ from api.terminal import evaluation_table
 from tid_core import recipes
 
 
-def job_specs(dataset_id: str, *, quick: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+def job_specs(dataset_id: str, recipe: recipes.Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher spec, and a student spec template (method and teacher filled in later)."""
-    recipe = recipes.recipe(quick=quick)
     dataset = {"id": dataset_id, "input_size": recipe.image_size}
     teacher = {
         "name": "demo-teacher",
@@ -103,8 +102,7 @@ def _wait_ready(client: Client, procs: list[subprocess.Popen[bytes]], logs: Path
     raise SystemExit(f"the API did not become ready in 60 s; see {logs}")
 
 
-def _dataset(client: Client, *, quick: bool) -> str:
-    recipe = recipes.recipe(quick=quick)
+def _dataset(client: Client, recipe: recipes.Recipe) -> str:
     name = f"demo-shapes-{recipe.num_train}"
     for ds in client.request("GET", "/v1/datasets")["data"]:
         if ds["name"] == name and ds["state"] == "ready":
@@ -155,8 +153,9 @@ def run_demo(*, quick: bool, port: int) -> int:
     settings = get_settings()
     with service(port) as client:
         try:
-            dataset_id = _dataset(client, quick=quick)
-            teacher_spec, student = job_specs(dataset_id, quick=quick)
+            recipe = recipes.recipe(quick=quick)
+            dataset_id = _dataset(client, recipe)
+            teacher_spec, student = job_specs(dataset_id, recipe)
             jobs = {"teacher": _run(client, "teacher", teacher_spec)}
             teacher_block = {**teacher_spec["student"], "weights": {"job": jobs["teacher"]["id"]}}
             for method in ("none", "tid"):

@@ -24,9 +24,10 @@ from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 
 
-def job_specs(data: Path, teacher_weights: Path, *, quick: bool) -> dict[str, dict[str, Any]]:
+def job_specs(
+    data: Path, teacher_weights: Path, recipe: recipes.Recipe
+) -> dict[str, dict[str, Any]]:
     """The demo's jobs, by name: the teacher first, then one student per method."""
-    recipe = recipes.recipe(quick=quick)
     dataset = {"path": str(data), "input_size": recipe.image_size}
     specs: dict[str, dict[str, Any]] = {
         "teacher": {
@@ -135,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=0,
     )
     teacher_weights = args.out / "teacher" / "student.safetensors"
-    specs = job_specs(data, teacher_weights, quick=args.quick)
+    specs = job_specs(data, teacher_weights, recipe)
     results: dict[str, dict[str, Any]] = {}
     for name, spec in specs.items():
         inputs = {"teacher": sha256_file(teacher_weights)} if "teacher" in spec else {}
