@@ -14,6 +14,7 @@ from typing import Annotated, TypeVar
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.db.models import Dataset, Job, Model
@@ -80,3 +81,9 @@ def get_owned(session: Session, table: type[Owned], row_id: str, *, owner: str) 
     if row is None:
         raise NotFound(f"{table.__name__.lower()} {row_id} not found")
     return row
+
+
+def list_owned(session: Session, table: type[Owned], *, owner: str) -> list[Owned]:
+    """Every row of `owner`'s, newest first (the lists that are short enough not to page)."""
+    query = select(table).where(table.owner == owner).order_by(table.created_at.desc())
+    return list(session.scalars(query))

@@ -8,10 +8,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile
-from sqlalchemy import select
 
 from api.db.models import Dataset, new_id
-from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
 from api.dispatch import commit_and_enqueue
 from api.problems import responses
 from api.queue import PREPARE_DATASET
@@ -81,9 +80,7 @@ def upload_dataset(
 
 @router.get("")
 def list_datasets(*, session: SessionDep, owner: CurrentOwner) -> DatasetsPublic:
-    rows = session.scalars(
-        select(Dataset).where(Dataset.owner == owner).order_by(Dataset.created_at.desc())
-    )
+    rows = list_owned(session, Dataset, owner=owner)
     return DatasetsPublic(data=[DatasetPublic.model_validate(r) for r in rows])
 
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile
-from sqlalchemy import select
 
 from api.db.models import Model, new_id
-from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
 from api.dispatch import commit_and_enqueue
 from api.problems import Unprocessable, responses
 from api.queue import CHECK_MODEL
@@ -52,9 +51,7 @@ def upload_model(
 
 @router.get("")
 def list_models(*, session: SessionDep, owner: CurrentOwner) -> ModelsPublic:
-    rows = session.scalars(
-        select(Model).where(Model.owner == owner).order_by(Model.created_at.desc())
-    )
+    rows = list_owned(session, Model, owner=owner)
     return ModelsPublic(data=[ModelPublic.model_validate(r) for r in rows])
 
 
