@@ -25,11 +25,12 @@ typecheck: venv
 # Two pytest workers: most tests wait on subprocesses (trainers, workers, servers), so two
 # share the two cores well (10 -> 6 min here). The schema fuzz runs on its own: schemathesis
 # gives its 18 operation tests one node id, and xdist tells tests apart by node id (a mixed
-# `-n 2` run reported 1 of the 18).
+# `-n 2 --dist load` run reported 1 of the 18).
+XDIST := -n 2 --dist worksteal
 FUZZ := tests/api/test_schema_fuzz.py
 
 unit: venv
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=15 --ignore=$(FUZZ)
+	$(PY) -m pytest -q $(XDIST) --durations=15 --ignore=$(FUZZ)
 	$(PY) -m pytest -q $(FUZZ)
 
 test: lint typecheck unit
@@ -37,7 +38,7 @@ test: lint typecheck unit
 # the fault matrix (docs/RELIABILITY.md): minutes, each test on its own private PostgreSQL and
 # Redis servers (free ports, own directories), so two run at once
 test-faults: venv
-	$(PY) -m pytest -q -n 2 --dist worksteal --durations=5 -m faults tests/integration/test_faults.py
+	$(PY) -m pytest -q $(XDIST) --durations=5 -m faults tests/integration/test_faults.py
 
 # benchmarks (docs/BENCHMARKS.md): `bench` is a smoke run of each script at tiny sizes,
 # `bench-full` the documented sizes, with the figures in var/bench/*.json. PYTHONPATH: the
