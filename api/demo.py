@@ -31,20 +31,8 @@ from tid_core import recipes
 def job_specs(dataset_id: str, recipe: recipes.Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
     """The teacher spec, and a student spec template (method and teacher filled in later)."""
     dataset = {"id": dataset_id, "input_size": recipe.image_size}
-    teacher = {
-        "name": "demo-teacher",
-        "student": recipe.teacher,
-        "dataset": dataset,
-        "schedule": recipe.schedule(recipe.teacher_epochs),
-        "resources": recipes.RESOURCES,
-    }
-    student = {
-        "student": recipe.student,
-        "dataset": dataset,
-        "schedule": recipe.schedule(recipe.student_epochs),
-        "resources": recipes.RESOURCES,
-    }
-    return teacher, student
+    teacher = {"name": "demo-teacher", **recipe.job(recipe.teacher, dataset, recipe.teacher_epochs)}
+    return teacher, recipe.job(recipe.student, dataset, recipe.student_epochs)
 
 
 @contextlib.contextmanager

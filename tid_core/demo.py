@@ -32,20 +32,14 @@ def job_specs(
     specs: dict[str, dict[str, Any]] = {
         "teacher": {
             "name": "demo-teacher",
-            "student": recipe.teacher,
-            "dataset": dataset,
-            "schedule": recipe.schedule(recipe.teacher_epochs),
-            "resources": recipes.RESOURCES,
+            **recipe.job(recipe.teacher, dataset, recipe.teacher_epochs),
         }
     }
     for method in ("none", "fitnet", "tid"):
         spec: dict[str, Any] = {
             "name": f"demo-student-{method}",
-            "student": recipe.student,
-            "dataset": dataset,
+            **recipe.job(recipe.student, dataset, recipe.student_epochs),
             "distill": {"method": method},
-            "schedule": recipe.schedule(recipe.student_epochs),
-            "resources": recipes.RESOURCES,
         }
         if method != "none":
             spec["teacher"] = {**recipe.teacher, "weights": {"path": str(teacher_weights)}}

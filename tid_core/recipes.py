@@ -27,6 +27,16 @@ class Recipe:
     student_epochs: int
     warmup_iters: int
 
+    def job(self, model: dict[str, Any], dataset: dict[str, Any], epochs: int) -> dict[str, Any]:
+        """The body of a job spec that trains `model` on `dataset` for `epochs` (the name,
+        distillation and teacher are the caller's)."""
+        return {
+            "student": model,
+            "dataset": dataset,
+            "schedule": self.schedule(epochs),
+            "resources": RESOURCES,
+        }
+
     def schedule(self, num_epochs: int) -> dict[str, Any]:
         return {
             "epochs": num_epochs,
