@@ -90,7 +90,7 @@ def run_job(
         seen = 0
         while proc.poll() is None:
             time.sleep(1.0)
-            seen = _print_progress(name, run_dir / "events.jsonl", seen, started)
+            seen = _print_progress(name, run_dir / "events.jsonl", seen)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log_file}")
     seconds = time.monotonic() - started
@@ -98,16 +98,28 @@ def run_job(
     return {"metrics": json.loads(metrics_file.read_text()), "seconds": seconds}
 
 
-def _print_progress(name: str, events_file: Path, seen: int, started: float) -> int:
+def _print_progress(name: str, events_file: Path, seen: int) -> int:
+    """Print the events after the first `seen`; returns how many there are now.
+
+    The ETA is the pace of the attempt a step belongs to (since its `start` event), so a
+    resumed run neither counts the steps of an earlier attempt as its own nor the time since
+    this process started as theirs.
+    """
     events = read_events(events_file)
-    for event in events[seen:]:
+    start: dict[str, Any] | None = None
+    for index, event in enumerate(events):
+        if event["type"] == "start":
+            start = event
+        if index < seen:
+            continue
         if event["type"] == "step":
-            elapsed = time.monotonic() - started
             done, total = event["step"], event["total_steps"]
-            eta = elapsed / done * (total - done)
+            eta = "?"
+            if start is not None and done > start["step"]:
+                pace = (event["time"] - start["time"]) / (done - start["step"])
+                eta = f"{pace * (total - done):.0f} s"
             print(
-                f"{name:>8}: step {done:>5}/{total}  loss {event['losses']['loss']:.3f}  "
-                f"eta {eta:.0f} s",
+                f"{name:>8}: step {done:>5}/{total}  loss {event['losses']['loss']:.3f}  eta {eta}",
                 flush=True,
             )
         elif event["type"] == "eval":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,11 +10,35 @@ from pathlib import Path
 
 import pytest
 
+from tid_core.demo import _print_progress
 from tid_core.models import load_student
 
-pytestmark = pytest.mark.slow
+
+def test_progress_eta_follows_the_attempt_each_step_belongs_to(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resumed run (second `start` at step 384) gets its ETA from its own pace, not from
+    the earlier attempt's steps or from when the printing process started."""
+    step = {"type": "step", "total_steps": 1000, "losses": {"loss": 1.0}}
+    events = [
+        {"type": "start", "time": 0.0, "step": 0},
+        {**step, "time": 100.0, "step": 100},  # 1 s a step: 900 s left
+        {"type": "start", "time": 5000.0, "step": 384},
+        {**step, "time": 5032.0, "step": 400},  # 2 s a step since the resume: 1200 s left
+    ]
+    events_file = tmp_path / "events.jsonl"
+    events_file.write_text("".join(json.dumps(e) + "\n" for e in events))
+
+    assert _print_progress("t", events_file, 0) == 4
+    assert [line.split("eta ")[1] for line in capsys.readouterr().out.splitlines()] == [
+        "900 s",
+        "1200 s",
+    ]
+    assert _print_progress("t", events_file, 3) == 4  # only the new step is printed
+    assert capsys.readouterr().out.count("step") == 1
 
 
+@pytest.mark.slow
 def test_quick_demo_prints_map_table_and_exports_student(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "tid_core.demo", "--quick", "--out", str(tmp_path)],
