@@ -43,41 +43,64 @@ def _bar(console: Console) -> Progress:
 def watch(client: Client, job_id: str, *, console: Console) -> dict[str, Any]:
     """Follow `job_id` until it is final; returns the job as the API has it then."""
     job = client.job(job_id)
-    ap = "-" if job.get("best_ap") is None else f"{job['best_ap']:.1f}"
-    epochs = job["spec"]["schedule"]["epochs"]
     with _bar(console) as progress:
-        task = progress.add_task(
-            f"{job['name']} ({job_id[:8]})",
-            total=job.get("total_steps"),
-            completed=job.get("step", 0),
-            state=job["state"],
-            epoch=f"-/{epochs}",
-            loss="-",
-            ap=ap,
-        )
+        follower = Follower(progress, job)
         for kind, data in client.events(job_id):
-            if kind == "state":
-                reason = data.get("error") or data.get("reason")
-                progress.console.print(f"state {data['state']}" + (f": {reason}" if reason else ""))
-                progress.update(task, state=data["state"])
-            elif kind == "start":
-                progress.update(task, total=data.get("total_steps"), completed=data["step"])
-            elif kind == "phase":
-                progress.update(task, state=data["phase"])
-            elif kind == "step":
-                loss = data.get("losses", {}).get("loss")
-                progress.update(task, completed=data["step"], epoch=f"{data['epoch'] + 1}/{epochs}")
-                if isinstance(loss, int | float):
-                    progress.update(task, loss=f"{loss:.3f}")
-            elif kind == "eval":
-                metrics = data.get("metrics", {})
-                progress.console.print(
-                    f"epoch {data.get('epoch')}: AP {metrics.get('AP', 0):.1f}  "
-                    f"AP50 {metrics.get('AP50', 0):.1f}  AP75 {metrics.get('AP75', 0):.1f}"
-                )
-                progress.update(task, ap=f"{metrics.get('AP', 0):.1f}")
+            follower.apply(kind, data)
     final: dict[str, Any] = client.job(job_id)
     return final
+
+
+class Follower:
+    """Moves one job's progress bar with its events.
+
+    The stream opens with the job's history, sent in a burst: its state changes and
+    evaluations are printed, but the bar moves only from the step the job was at when the
+    watch began, since rich would take the burst for the job's pace and show an ETA of
+    seconds. A `start` event after that (a new attempt, maybe resumed from an earlier
+    checkpoint) resets the bar, so the ETA is that attempt's own pace.
+    """
+
+    def __init__(self, progress: Progress, job: dict[str, Any]) -> None:
+        self.progress = progress
+        self.epochs = job["spec"]["schedule"]["epochs"]
+        self.attached_at = job.get("step") or 0
+        self.live = self.attached_at == 0
+        self.task = progress.add_task(
+            f"{job['name']} ({job['id'][:8]})",
+            total=job.get("total_steps"),
+            completed=self.attached_at,
+            state=job["state"],
+            epoch=f"-/{self.epochs}",
+            loss="-",
+            ap="-" if job.get("best_ap") is None else f"{job['best_ap']:.1f}",
+        )
+
+    def apply(self, kind: str, data: dict[str, Any]) -> None:
+        progress, task = self.progress, self.task
+        if kind == "state":
+            reason = data.get("error") or data.get("reason")
+            progress.console.print(f"state {data['state']}" + (f": {reason}" if reason else ""))
+            progress.update(task, state=data["state"])
+        elif kind == "start" and self.live:
+            progress.reset(task, total=data.get("total_steps"), completed=data["step"])
+        elif kind == "phase":
+            progress.update(task, state=data["phase"])
+        elif kind == "step" and (self.live or data["step"] >= self.attached_at):
+            self.live = True
+            loss = data.get("losses", {}).get("loss")
+            progress.update(
+                task, completed=data["step"], epoch=f"{data['epoch'] + 1}/{self.epochs}"
+            )
+            if isinstance(loss, int | float):
+                progress.update(task, loss=f"{loss:.3f}")
+        elif kind == "eval":
+            metrics = data.get("metrics", {})
+            progress.console.print(
+                f"epoch {data.get('epoch')}: AP {metrics.get('AP', 0):.1f}  "
+                f"AP50 {metrics.get('AP50', 0):.1f}  AP75 {metrics.get('AP75', 0):.1f}"
+            )
+            progress.update(task, ap=f"{metrics.get('AP', 0):.1f}")
 
 
 def evaluation_table(client: Client, jobs: dict[str, str]) -> str:
