@@ -102,7 +102,7 @@ def test_reader_on_generated_shapes(shapes: Path) -> None:
     assert num_boxes == len(content["annotations"])
 
 
-def test_horizontal_flip_keeps_boxes_consistent(tmp_path: Path) -> None:
+def test_horizontal_flip_keeps_boxes_consistent_and_a_seed_fixes_it(tmp_path: Path) -> None:
     width, height = 40, 30
     _write_image(tmp_path / "train" / "one.png", size=(width, height))
     _write_coco(
@@ -131,6 +131,17 @@ def test_horizontal_flip_keeps_boxes_consistent(tmp_path: Path) -> None:
             seen.add("flipped")
         assert target["labels"].tolist() == [0]
     assert seen == {"plain", "flipped"}
+
+    # keyed (index, seed), as the sampler asks: the seed alone decides, the global RNG is untouched
+    flipped = {}
+    for seed in range(8):
+        state = torch.get_rng_state()
+        image = dataset[(0, seed)][0]
+        assert torch.equal(torch.get_rng_state(), state)
+        torch.manual_seed(100 + seed)
+        assert torch.equal(dataset[(0, seed)][0], image)
+        flipped[seed] = not torch.equal(image, plain_image)
+    assert set(flipped.values()) == {True, False}
 
 
 def test_handmade_coco_quirks(handmade: Path) -> None:
@@ -191,13 +202,17 @@ def _sampler(size: int, **kwargs: Any) -> ResumableDistributedSampler:
     return ResumableDistributedSampler(TensorDataset(torch.arange(size)), **{**options, **kwargs})
 
 
+def _indices(sampler: ResumableDistributedSampler) -> list[int]:
+    return [index for index, _ in sampler]
+
+
 def test_sampler_ranks_split_the_epoch() -> None:
-    shares = [list(_sampler(12, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    shares = [_indices(_sampler(12, num_replicas=2, rank=rank)) for rank in (0, 1)]
     assert len(shares[0]) == len(shares[1]) == 6
     assert set(shares[0]).isdisjoint(shares[1])
     assert sorted(shares[0] + shares[1]) == list(range(12))
     # An uneven size is padded like DistributedSampler: every index is still seen.
-    uneven = [list(_sampler(11, num_replicas=2, rank=rank)) for rank in (0, 1)]
+    uneven = [_indices(_sampler(11, num_replicas=2, rank=rank)) for rank in (0, 1)]
     assert set(uneven[0]) | set(uneven[1]) == set(range(11))
 
 
@@ -206,10 +221,25 @@ def test_sampler_order_is_a_function_of_seed_and_epoch() -> None:
     first.set_epoch(3)
     second.set_epoch(3)
     assert list(first) == list(second)
-    assert sorted(first) == list(range(20))
+    assert sorted(_indices(first)) == list(range(20))
     second.set_epoch(4)
-    assert list(first) != list(second)
-    assert list(_sampler(20, shuffle=False)) == list(range(20))
+    assert _indices(first) != _indices(second)
+    assert _indices(_sampler(20, shuffle=False)) == list(range(20))
+
+
+def test_augmentation_seed_is_a_function_of_seed_epoch_and_index_only() -> None:
+    """Neither the rank, the world size nor where the epoch resumed changes a sample's seed."""
+    one = _sampler(12)
+    one.set_epoch(3)
+    seeds = dict(one)
+    assert len(set(seeds.values())) == 12  # a seed of its own per sample
+    for rank in (0, 1):
+        share = _sampler(12, num_replicas=2, rank=rank)
+        share.set_epoch(3, start_batch=1)
+        assert all(seeds[index] == seed for index, seed in share)
+    one.set_epoch(4)
+    assert all(seeds[index] != seed for index, seed in one)
+    assert all(seeds[index] != seed for index, seed in _sampler(12, seed=8))
 
 
 def test_sampler_resumes_mid_epoch() -> None:
@@ -261,4 +291,4 @@ def test_build_loader_batches(shapes: Path) -> None:
         dataset, batch_size=4, train=False, seed=0, num_workers=1, rank=1, world_size=2
     )
     assert ranked.persistent_workers and len(ranked) == 3
-    assert list(ranked.sampler) == list(range(1, 24, 2))
+    assert _indices(ranked.sampler) == list(range(1, 24, 2))  # type: ignore[arg-type]

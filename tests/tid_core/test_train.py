@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
@@ -172,9 +173,17 @@ def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
         assert (run_dir / name).exists()
 
 
-def test_sigterm_checkpoints_and_rerun_resumes(tmp_path: Path, dataset: Path) -> None:
-    # batch 1: 16 steps per epoch, so the signal lands mid-epoch
-    spec = write_spec(tmp_path, dataset, schedule={"batch_size": 1, "eval_every": 0})
+def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
+    tmp_path: Path, dataset: Path
+) -> None:
+    # batch 1: 16 steps per epoch, so the signal lands mid-epoch; a loader worker process, whose
+    # RNG a resumed run cannot restore, so the flips must come from the samples' own seeds
+    spec = write_spec(
+        tmp_path,
+        dataset,
+        schedule={"batch_size": 1, "eval_every": 0},
+        resources={"num_workers": 1},
+    )
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
         train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -206,6 +215,13 @@ def test_sigterm_checkpoints_and_rerun_resumes(tmp_path: Path, dataset: Path) ->
     all_steps = [e["step"] for e in first + second if e["type"] == "step"]
     assert sorted(all_steps) == list(range(1, 33))  # every step exactly once
     assert scalar_steps(run_dir, "loss/loss") == list(range(1, 33))  # in TensorBoard too
+
+    reference = run_train(spec, tmp_path / "uninterrupted")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    resumed = load_file(run_dir / "student.safetensors")
+    expected = load_file(tmp_path / "uninterrupted" / "student.safetensors")
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[name], expected[name]) for name in expected)
 
 
 def test_non_finite_loss_stops_with_error_event(tmp_path: Path, dataset: Path) -> None:

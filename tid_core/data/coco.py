@@ -2,6 +2,10 @@
 
 Layout: `root/annotations/instances_{split}.json` and images under `root/{split}/`. Images are not
 resized here because the detectors' own transforms resize them.
+
+A training sample's random augmentation is drawn from a seed of its own, a function of (run
+seed, epoch, index) that the sampler hands over with the index: a run resumed mid-epoch, in a
+fresh process with fresh loader workers, sees the very samples an uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -133,7 +138,11 @@ class CocoDetection(Dataset[Sample]):
         """Where image `index` lives (file_name may contain subfolders)."""
         return self.image_dir / self._file_names[self.image_ids[index]]
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, key: int | tuple[int, int]) -> Sample:
+        """Sample `key`: an index, or (index, seed) from the sampler, in which case its random
+        augmentation comes from that seed alone (not from the loader worker's RNG, which a
+        resumed run cannot restore)."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         image_id = self.image_ids[index]
         path = self.image_path(index)
         try:
@@ -152,7 +161,12 @@ class CocoDetection(Dataset[Sample]):
             canvas_size=(image.height, image.width),
         )
         labels = torch.tensor(self._labels[image_id], dtype=torch.int64)
-        out_image, out_target = self.transform(image, {"boxes": boxes, "labels": labels})
+        if seed is None:
+            out_image, out_target = self.transform(image, {"boxes": boxes, "labels": labels})
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                out_image, out_target = self.transform(image, {"boxes": boxes, "labels": labels})
         target = {
             "boxes": out_target["boxes"].as_subclass(Tensor),
             "labels": out_target["labels"].as_subclass(Tensor),
@@ -166,11 +180,12 @@ def collate_detection(batch: Sequence[Sample]) -> tuple[list[Tensor], list[dict[
     return [image for image, _ in batch], [target for _, target in batch]
 
 
-class ResumableDistributedSampler(DistributedSampler[int]):
+class ResumableDistributedSampler(DistributedSampler[tuple[int, int]]):
     """DistributedSampler that can skip the batches a rank already saw in the current epoch.
 
-    The order of an epoch depends only on (seed, epoch), so a run resumed from a checkpoint taken
-    after `start_batch` batches sees exactly the batches it had not seen.
+    It yields (index, augmentation seed) pairs. The order of an epoch depends only on (seed,
+    epoch), and a sample's augmentation seed only on (seed, epoch, index), so a run resumed from
+    a checkpoint taken after `start_batch` batches sees exactly the samples it had not seen.
     """
 
     def __init__(
@@ -199,9 +214,14 @@ class ResumableDistributedSampler(DistributedSampler[int]):
         super().set_epoch(epoch)
         self.start_batch = start_batch
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start_batch * self.batch_size :])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = cast(Iterator[int], super().__iter__())  # the base class yields plain indices
+        indices = list(order)[self.start_batch * self.batch_size :]
+        return ((i, self.augmentation_seed(i)) for i in indices)
+
+    def augmentation_seed(self, index: int) -> int:
+        state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)
+        return int(state[0])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_batch * self.batch_size)
@@ -237,6 +257,6 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
         persistent_workers=num_workers > 0,
-        # Seeds the workers' augmentation RNGs, so a run is reproducible for a given seed.
+        # the workers' base seeds come from here, not from the global RNG a checkpoint saves
         generator=torch.Generator().manual_seed(seed),
     )
