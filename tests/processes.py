@@ -1,7 +1,8 @@
 """What the fault tests watch from outside: a job's trainer processes, read from /proc.
 
-An attempt is one process tree: torchrun and its workers (which torchrun starts in sessions of
-their own), or a worker orphaned by a dead torchrun. The topmost trainer process of each tree
+An attempt is one process tree: torchrun, its workers (which torchrun starts in sessions of
+their own) and their data loader workers (in process groups of their own), or a worker orphaned
+by a dead torchrun. The topmost trainer process of each tree
 is that attempt's root, so the distinct roots are the attempts running at that moment. A
 sampler thread records the largest number it ever saw.
 """
@@ -52,12 +53,14 @@ def trainer_processes(run_dir: Path) -> dict[int, int]:
 
 
 def rank0_trainer(run_dir: Path) -> int:
-    """The pid of the trainer process itself (torchrun's worker), not of the launcher."""
-    pids = [
+    """The pid of the trainer process itself (torchrun's worker): not the launcher, and not
+    one of its data loader workers (forks with the same command line)."""
+    trainers = {
         pid
         for pid in trainer_processes(run_dir)
         if "torch.distributed.run" not in " ".join(_cmdline(pid))
-    ]
+    }
+    pids = [pid for pid in trainers if _parent(pid) not in trainers]
     assert len(pids) == 1, f"expected one trainer process for {run_dir}, found {pids}"
     return pids[0]
 

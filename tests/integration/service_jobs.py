@@ -21,13 +21,15 @@ FINAL = ("succeeded", "failed", "cancelled")
 
 
 def tiny_spec(dataset_id: str, name: str, **overrides: Any) -> dict[str, Any]:
-    """ResNet18-FPN64 at 64 px, batch 4; blocks given in `overrides` are merged."""
+    """ResNet18-FPN64 at 64 px, batch 4, a data loader worker process (as the spec's default
+    has two: the trainer's process tree is what deploys, cancels and faults signal); blocks
+    given in `overrides` are merged."""
     spec: dict[str, Any] = {
         "name": name,
         "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
         "dataset": {"id": dataset_id, "input_size": 64},
         "schedule": {"epochs": 2, "batch_size": 4, "warmup_iters": 2, "log_every": 1},
-        "resources": {"num_workers": 0, "device": "cpu"},
+        "resources": {"num_workers": 1, "device": "cpu"},
     }
     for key, value in overrides.items():
         spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value

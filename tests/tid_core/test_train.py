@@ -176,8 +176,10 @@ def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
 def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
     tmp_path: Path, dataset: Path
 ) -> None:
-    # batch 1: 16 steps per epoch, so the signal lands mid-epoch; a loader worker process, whose
-    # RNG a resumed run cannot restore, so the flips must come from the samples' own seeds
+    # batch 1: 16 steps per epoch, so the signal lands mid-epoch. A loader worker process: its
+    # RNG a resumed run cannot restore (so the flips must come from the samples' own seeds), and
+    # the SIGTERM goes to the trainer's whole process group, as a cancel or a deploy sends it
+    # (so the worker must not be in that group, or its death kills the trainer uncheckpointed)
     spec = write_spec(
         tmp_path,
         dataset,
@@ -186,7 +188,11 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
     )
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        train_cmd(spec, run_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        train_cmd(spec, run_dir),
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
     )
     events_file = run_dir / "events.jsonl"
     deadline = time.monotonic() + 120
@@ -195,8 +201,8 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
             break
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 143
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read() if proc.stderr else ""
 
     first = read_events(events_file)
     assert first[-1]["type"] == "interrupted"

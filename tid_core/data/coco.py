@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import signal
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -24,6 +26,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
+
+from tid_core.launch import set_parent_death_signal
 
 logger = logging.getLogger(__name__)
 
@@ -220,11 +224,26 @@ class ResumableDistributedSampler(DistributedSampler[tuple[int, int]]):
         return ((i, self.augmentation_seed(i)) for i in indices)
 
     def augmentation_seed(self, index: int) -> int:
+        """32 well-mixed bits of (seed, epoch, index)."""
         state = np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)
         return int(state[0])
 
     def __len__(self) -> int:
         return max(0, self.num_samples - self.start_batch * self.batch_size)
+
+
+def _leave_trainer_group(_worker_id: int) -> None:
+    """A loader worker moves to a process group of its own and dies with its trainer instead.
+
+    A cancel or a deploy SIGTERMs the trainer's whole process group, torchrun stops a rank by
+    signalling its group, and Ctrl-C reaches the terminal's group: a worker still in the group
+    would die at once, and the trainer with it at its next batch ("DataLoader worker ... is
+    killed by signal"), before it could checkpoint. Out of the group, the worker serves on until
+    the trainer, checkpointed, shuts it down; the parent-death signal keeps it from outliving a
+    trainer that is killed outright.
+    """
+    os.setpgid(0, 0)
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def build_loader(
@@ -257,6 +276,7 @@ def build_loader(
         pin_memory=torch.cuda.is_available(),
         drop_last=False,
         persistent_workers=num_workers > 0,
+        worker_init_fn=_leave_trainer_group,
         # the workers' base seeds come from here, not from the global RNG a checkpoint saves
         generator=torch.Generator().manual_seed(seed),
     )
