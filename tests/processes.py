@@ -2,9 +2,9 @@
 
 An attempt is one process tree: torchrun, its workers (which torchrun starts in sessions of
 their own) and their data loader workers (in process groups of their own), or a worker orphaned
-by a dead torchrun. The topmost trainer process of each tree
-is that attempt's root, so the distinct roots are the attempts running at that moment. A
-sampler thread records the largest number it ever saw.
+by a dead torchrun. The topmost trainer process of each tree is that attempt's root, so the
+distinct roots are the attempts running at that moment. A sampler thread records the largest
+number it ever saw.
 """
 
 from __future__ import annotations
