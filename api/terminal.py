@@ -55,17 +55,18 @@ class Follower:
     """Moves one job's progress bar with its events.
 
     The stream opens with the job's history, sent in a burst: its state changes and
-    evaluations are printed, but the bar moves only from the step the job was at when the
-    watch began, since rich would take the burst for the job's pace and show an ETA of
-    seconds. A `start` event after that (a new attempt, maybe resumed from an earlier
-    checkpoint) resets the bar, so the ETA is that attempt's own pace.
+    evaluations are printed, but the bar moves only with what happens after the watch began
+    (the attempt running then, from the step it was at; any later attempt), since rich would
+    take the burst for the job's pace and show an ETA of seconds. A later attempt's `start`
+    (maybe resumed from an earlier checkpoint) resets the bar, so the ETA is that attempt's
+    own pace.
     """
 
     def __init__(self, progress: Progress, job: dict[str, Any]) -> None:
         self.progress = progress
         self.epochs = job["spec"]["schedule"]["epochs"]
+        self.attempt = job.get("attempt") or 0
         self.attached_at = job.get("step") or 0
-        self.live = self.attached_at == 0
         self.task = progress.add_task(
             f"{job['name']} ({job['id'][:8]})",
             total=job.get("total_steps"),
@@ -76,18 +77,25 @@ class Follower:
             ap="-" if job.get("best_ap") is None else f"{job['best_ap']:.1f}",
         )
 
+    def _live(self, data: dict[str, Any]) -> bool:
+        """Whether a `start` or `step` event is new rather than replayed history (an older
+        server sends no attempt: its events count as the attached attempt's)."""
+        attempt = data.get("attempt", self.attempt)
+        if attempt != self.attempt:
+            return bool(attempt > self.attempt)
+        return bool(data["step"] >= self.attached_at)
+
     def apply(self, kind: str, data: dict[str, Any]) -> None:
         progress, task = self.progress, self.task
         if kind == "state":
             reason = data.get("error") or data.get("reason")
             progress.console.print(f"state {data['state']}" + (f": {reason}" if reason else ""))
             progress.update(task, state=data["state"])
-        elif kind == "start" and self.live:
+        elif kind == "start" and self._live(data):
             progress.reset(task, total=data.get("total_steps"), completed=data["step"])
         elif kind == "phase":
             progress.update(task, state=data["phase"])
-        elif kind == "step" and (self.live or data["step"] >= self.attached_at):
-            self.live = True
+        elif kind == "step" and self._live(data):
             loss = data.get("losses", {}).get("loss")
             progress.update(
                 task, completed=data["step"], epoch=f"{data['epoch'] + 1}/{self.epochs}"

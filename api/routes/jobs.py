@@ -262,7 +262,7 @@ def _poll_events(database_url: str, job_id: str, after: int) -> tuple[bool, list
     with session_scope(database_url) as session:
         state = session.scalar(select(Job.state).where(Job.id == job_id))
         rows = session.execute(
-            select(JobEvent.id, JobEvent.type, JobEvent.data)
+            select(JobEvent.id, JobEvent.type, JobEvent.attempt, JobEvent.data)
             .where(JobEvent.job_id == job_id, JobEvent.id > after)
             .order_by(JobEvent.id)
             .limit(EVENTS_BATCH)
@@ -272,12 +272,14 @@ def _poll_events(database_url: str, job_id: str, after: int) -> tuple[bool, list
 
 async def _event_stream(database_url: str, job_id: str, after: int) -> AsyncIterator[str]:
     """SSE frames until the job is final and every row is sent; no connection is held between
-    polls (each runs in a worker thread with its own session)."""
+    polls (each runs in a worker thread with its own session). Each frame's data is the event
+    with the attempt that wrote it, so a client can tell an earlier attempt's history apart."""
     quiet_since = time.monotonic()
     while True:
         final, rows = await anyio.to_thread.run_sync(_poll_events, database_url, job_id, after)
-        for row_id, kind, data in rows:
-            yield f"id: {row_id}\nevent: {kind}\ndata: {json.dumps(data)}\n\n"
+        for row_id, kind, attempt, data in rows:
+            frame = json.dumps({**data, "attempt": attempt})
+            yield f"id: {row_id}\nevent: {kind}\ndata: {frame}\n\n"
             after = row_id
         if final and len(rows) < EVENTS_BATCH:
             return

@@ -83,8 +83,12 @@ def add_metrics(session: Session, job: Job, points: list[tuple[int, str, float]]
     session.commit()
 
 
-def add_event(session: Session, job: Job, kind: str, data: dict[str, Any]) -> JobEvent:
-    event: JobEvent = _commit(session, JobEvent(job_id=job.id, attempt=1, type=kind, data=data))
+def add_event(
+    session: Session, job: Job, kind: str, data: dict[str, Any], *, attempt: int = 1
+) -> JobEvent:
+    event: JobEvent = _commit(
+        session, JobEvent(job_id=job.id, attempt=attempt, type=kind, data=data)
+    )
     return event
 
 

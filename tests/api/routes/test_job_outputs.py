@@ -201,7 +201,7 @@ def test_events_stream_every_row_of_a_final_job_and_resume(
     rows = [
         add_event(db, job, "state", {"state": "running"}),
         add_event(db, job, "progress", {"step": 5, "total_steps": 10}),
-        add_event(db, job, "state", {"state": "succeeded"}),
+        add_event(db, job, "state", {"state": "succeeded"}, attempt=2),
     ]
     other = make_job(db, owner="alice")
     add_event(db, other, "state", {"state": "running"})
@@ -211,7 +211,8 @@ def test_events_stream_every_row_of_a_final_job_and_resume(
     assert response.headers["content-type"].startswith("text/event-stream")
     frames = parse_sse(response.text)
     assert [(f["id"], f["event"]) for f in frames] == [(r.id, r.type) for r in rows]
-    assert frames[1]["data"] == {"step": 5, "total_steps": 10}
+    assert frames[1]["data"] == {"step": 5, "total_steps": 10, "attempt": 1}
+    assert frames[2]["data"] == {"state": "succeeded", "attempt": 2}  # the row's own attempt
 
     resumed = client.get(url, headers={**owner_headers, "Last-Event-ID": str(rows[0].id)})
     assert [f["id"] for f in parse_sse(resumed.text)] == [rows[1].id, rows[2].id]
@@ -244,8 +245,8 @@ def test_events_stream_follows_a_running_job_until_final(
     frames = parse_sse(response.text)
     events = [f for f in frames if "id" in f]
     assert [(f["event"], f["data"]) for f in events] == [
-        ("progress", {"step": 1}),
-        ("state", {"state": "succeeded"}),
+        ("progress", {"step": 1, "attempt": 1}),
+        ("state", {"state": "succeeded", "attempt": 1}),
     ]
     assert events[0]["id"] == first.id
     assert {"comment": "keep-alive"} in frames  # sent while the stream was quiet
