@@ -285,7 +285,9 @@ async function jobPage(view, jobId) {
     } else if (kind === "eval") {
       const m = data.metrics || {};
       map.add(data.step, { AP: m.AP, AP50: m.AP50, AP75: m.AP75 });
-    } else if (["start", "interrupted", "end", "error"].includes(kind)) {
+    } else if (kind === "start") {
+      timeline.append(el("li", { class: "muted" }, `attempt ${data.attempt} started at step ${data.step}`));
+    } else if (["interrupted", "end", "error"].includes(kind)) {
       timeline.append(el("li", { class: "muted" }, `${kind} at step ${data.step}`));
     }
   }, controller.signal);

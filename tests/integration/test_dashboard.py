@@ -87,6 +87,7 @@ def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path
         assert points(page, "learning rate") == 8
         assert points(page, "TID key / weak area fractions") == 8
         expect(page.locator("#timeline")).to_contain_text("succeeded")
+        expect(page.locator("#timeline")).to_contain_text("attempt 1 started at step 0")
         expect(page.locator("#logs")).to_contain_text("epoch 2: AP")
         expect(page.locator("#cancel")).to_be_disabled()
         shot(page, tmp_path, "job-page")
