@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One prepared check on a CUDA machine (see docs/BENCHMARKS.md): the trainer on CUDA with AMP
 # (a teacher job, then a TID student distilled from it, both under torchrun), then the
-# overhead benchmark. Writes its logs and JSON figures to $OUT (or ./device-out).
+# overhead benchmark (at 512 px with 20 paired rounds: GPU runs drift by more than the 5%
+# target) and the data-loading share / per-GPU scaling of `bench/ddp.py`. Writes its logs and
+# JSON figures to $OUT (or ./device-out).
 set -euo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then  # packages the device image lacks, carried as wheels
@@ -47,4 +49,6 @@ print(" final:", ev[-1]["type"])
 PY
 done
 python3 bench/overhead.py --device cuda --json "$OUT/overhead_128.json"
-python3 bench/overhead.py --device cuda --image-size 512 --batch-size 16 --json "$OUT/overhead_512.json"
+python3 bench/overhead.py --device cuda --image-size 512 --batch-size 16 --rounds 20 \
+  --json "$OUT/overhead_512.json"
+python3 bench/ddp.py --device cuda --json "$OUT/ddp_cuda.json"
