@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
-from tid_core.spec import BuiltinDataset, Name, PathStr
+from tid_core.spec import BuiltinDataset, Name, PathStr, SplitName
 
 
 class _Public(BaseModel):
@@ -95,11 +95,14 @@ class BuiltinDatasetCreate(BuiltinDataset):
 
 
 class PathDatasetCreate(BaseModel):
-    """Register a COCO folder already on the server, under one of the allowed roots."""
+    """Register a COCO folder already on the server, under one of the allowed roots; its
+    splits are `annotations/instances_<split>.json` and `<split>/` (COCO 2017: `train2017`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: Name
     path: PathStr
+    train_split: SplitName = "train"
+    val_split: SplitName = "val"
 
 
 def _dataset_kind(body: Any) -> str:

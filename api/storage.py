@@ -31,7 +31,6 @@ MAX_ZIP_RATIO = 100  # uncompressed / compressed; real COCO folders (JPEG/PNG + 
 # zipfile holds a few hundred bytes per entry of the central directory in memory before any
 # check can run; all of COCO 2017 (123k images) has a directory of about 10 MB
 MAX_ZIP_DIRECTORY_BYTES = 64 << 20
-COCO_ANNOTATIONS = ("annotations/instances_train.json", "annotations/instances_val.json")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 # a corrupt entry, or a file and a folder under one name: the archive's fault, not ours
 _BROKEN_ENTRY = (zipfile.BadZipFile, FileExistsError, NotADirectoryError, IsADirectoryError)
@@ -143,8 +142,11 @@ def _central_directory_bytes(src: BinaryIO) -> int | None:
     return int(directory)
 
 
-def extract_dataset_zip(src: BinaryIO, dest: Path, *, max_bytes: int) -> None:
-    """Unpack a zipped COCO folder into `dest` (created here), or raise and remove it again."""
+def extract_dataset_zip(
+    src: BinaryIO, dest: Path, *, max_bytes: int, splits: Sequence[str] = ("train", "val")
+) -> None:
+    """Unpack a zipped COCO folder with these splits into `dest` (created here), or raise and
+    remove it again."""
     if src.seek(0, os.SEEK_END) > max_bytes:
         raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
     directory = _central_directory_bytes(src)
@@ -161,7 +163,8 @@ def extract_dataset_zip(src: BinaryIO, dest: Path, *, max_bytes: int) -> None:
     with archive:
         members = _strip_single_top(_checked_members(archive, max_bytes=max_bytes))
         names = {str(rel) for _, rel in members}
-        missing = [a for a in COCO_ANNOTATIONS if a not in names]
+        annotations = [f"annotations/instances_{split}.json" for split in splits]
+        missing = [a for a in annotations if a not in names]
         if missing:
             raise Unprocessable(f"not a COCO dataset folder: missing {', '.join(missing)}")
         dest.mkdir(parents=True)

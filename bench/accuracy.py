@@ -12,8 +12,8 @@ teacher is not clearly stronger than the student trained alone.
 Every run is a real `python -m tid_core.train` process (reused when run again with the same spec
 and teacher). The same command serves real COCO on a GPU:
 
-    python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--device cuda]
-        [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
+    python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--splits train,val]
+        [--device cuda] [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
         [--teacher-epochs N] [--student-epochs N]
 
 `--tune` runs the TID loss-weight/gamma grid on the tuning dataset and seed (disjoint from the
@@ -41,7 +41,7 @@ from tid_core.checkpoint import sha256_file
 from tid_core.data.coco import CocoDetection, build_loader
 from tid_core.data.synthetic import generate_shapes
 from tid_core.demo import run_job
-from tid_core.spec import JobSpec
+from tid_core.spec import JobSpec, PathDataset
 from tid_core.train import build_models
 
 METRICS = recipes.METRICS
@@ -104,7 +104,8 @@ def grad_ratio(spec: dict[str, Any], data: Path, *, device: str) -> float:
     the method's full loss weight (after its warm-up ramp), averaged over a few batches."""
     parsed = JobSpec.model_validate(spec)
     torch.manual_seed(parsed.schedule.seed)
-    train_ds = CocoDetection(data, "train", train=True)
+    assert isinstance(parsed.dataset, PathDataset)
+    train_ds = CocoDetection(data, parsed.dataset.train_split, train=True)
     distiller = build_models(parsed, train_ds, parsed.dataset.input_size).to(device)
     if distiller.teacher is not None:
         distiller.teacher.to(device)
@@ -290,13 +291,21 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     elif TUNING_SEED in seeds and not args.quick:
         raise SystemExit(f"seed {TUNING_SEED} is the tuning seed: report on other seeds")
     data = prepare_data(args, recipe)
-    dataset = {"path": str(data), "input_size": recipe.image_size}
+    # a COCO folder's own split names (the synthetic folders use the defaults)
+    splits = (
+        dict(zip(("train_split", "val_split"), args.splits, strict=True)) if args.dataset else {}
+    )
+    dataset = {"path": str(data), "input_size": recipe.image_size, **splits}
     started = time.monotonic()
     teacher_run, teacher_weights = train_teacher(args, recipe, data, dataset)
     teacher = {**recipe.teacher, "weights": {"path": str(teacher_weights)}}
     teacher_ap = float(teacher_run["metrics"]["AP"])
     if args.tune:
-        held_out = {"path": str(tuning_data(args, recipe, data)), "input_size": recipe.image_size}
+        held_out = {
+            "path": str(tuning_data(args, recipe, data)),
+            "input_size": recipe.image_size,
+            **splits,
+        }
         return tune(args, recipe, held_out, teacher, teacher_ap)
 
     results = students(args, {"none": METHODS["none"]}, recipe, dataset, teacher, {}, seeds)
@@ -380,7 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
     parser.add_argument("--json", type=Path, help="also write the figures to this file")
-    parser.add_argument("--dataset", help="a COCO folder (annotations/instances_{train,val}.json)")
+    parser.add_argument("--dataset", help="a COCO folder (annotations/instances_<split>.json)")
+    parser.add_argument(
+        "--splits",
+        default="train,val",
+        help="--dataset's training and validation splits (COCO 2017: train2017,val2017)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--seeds", help="comma-separated reporting seeds (default 1,2,3)")
     parser.add_argument(
@@ -399,6 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     parser.add_argument("--out", type=Path, default=Path("var/bench/accuracy"))
     args = parser.parse_args(argv)
+    args.splits = args.splits.split(",")
+    if len(args.splits) != 2:
+        parser.error(f"--splits {','.join(args.splits)}: expected TRAIN,VAL")
     if args.methods:
         args.methods = args.methods.split(",")
         unknown = [m for m in args.methods if m not in METHODS]

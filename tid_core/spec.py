@@ -34,6 +34,10 @@ TID_OPTIONS = frozenset(
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\- ]+$")]
 PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
 IdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
+# a split of a COCO folder: `annotations/instances_<split>.json` and the images under `<split>/`
+SplitName = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+]
 
 
 class _Strict(BaseModel):
@@ -76,11 +80,20 @@ class TeacherSpec(ModelSpec):
     weights: Weights
 
 
+def _split(default: str) -> Any:
+    """A split name field, left out of dumps (and so of `spec_hash`) at its default: specs
+    written before the field existed keep their hash."""
+    return Field(default=default, exclude_if=lambda name: name == default)
+
+
 class PathDataset(_Strict):
-    """A COCO-format folder: `annotations/instances_{train,val}.json`, `{train,val}/...`."""
+    """A COCO-format folder: `annotations/instances_<split>.json` and `<split>/...` for the
+    training and validation splits (`train`/`val`; a COCO 2017 folder: `train2017`/`val2017`)."""
 
     path: PathStr
     input_size: int = Field(default=512, ge=32, le=2048, multiple_of=32)
+    train_split: SplitName = _split("train")
+    val_split: SplitName = _split("val")
 
 
 class BuiltinDataset(_Strict):
@@ -95,6 +108,14 @@ class BuiltinDataset(_Strict):
     @property
     def input_size(self) -> int:
         return self.image_size
+
+    @property
+    def train_split(self) -> str:
+        return "train"
+
+    @property
+    def val_split(self) -> str:
+        return "val"
 
 
 class IdDataset(_Strict):

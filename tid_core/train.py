@@ -82,8 +82,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_dataset(spec: JobSpec, run_dir: Path) -> Path:
-    """The dataset folder; the builtin generator writes into the run dir (rank 0, once)."""
+def resolve_dataset(spec: JobSpec, run_dir: Path) -> tuple[Path, str, str]:
+    """The dataset folder and its training and validation split names; the builtin generator
+    writes into the run dir (rank 0, once)."""
     ds = spec.dataset
     if isinstance(ds, IdDataset):
         raise ValueError(f"dataset id {ds.id!r} is unresolved: the service maps ids to paths")
@@ -98,8 +99,8 @@ def resolve_dataset(spec: JobSpec, run_dir: Path) -> Path:
                 seed=ds.seed,
             )
         dist.barrier()
-        return root
-    return Path(ds.path)
+        return root, ds.train_split, ds.val_split
+    return Path(ds.path), ds.train_split, ds.val_split
 
 
 def build_distill_loss(d: DistillSpec) -> nn.Module | None:
@@ -197,10 +198,10 @@ class Run:
             for stale in self.ckpt_dir.glob(".*.tmp.*"):
                 stale.unlink()
         torch.manual_seed(s.seed)
-        root = resolve_dataset(spec, self.run_dir)
+        root, train_split, val_split = resolve_dataset(spec, self.run_dir)
         input_size = spec.dataset.input_size
-        self.train_ds = CocoDetection(root, "train", train=True)
-        self.val_ds = CocoDetection(root, "val", train=False)
+        self.train_ds = CocoDetection(root, train_split, train=True)
+        self.val_ds = CocoDetection(root, val_split, train=False)
         rank, world = dist.get_rank(), dist.get_world_size()
         loader_args = {"num_workers": spec.resources.num_workers, "rank": rank}
         self.train_loader = build_loader(

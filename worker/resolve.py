@@ -45,7 +45,13 @@ def resolve_spec(session: Session, job: Job, settings: Settings) -> dict[str, An
         ds = _owned(session, Dataset, dataset["id"], job=job, what="dataset")
         if ds.state != "ready":
             raise ResolveError(f"dataset {ds.id!r} is {ds.state}, not ready")
-        spec["dataset"] = {"path": ds.path, "input_size": dataset["input_size"]}
+        train_split, val_split = ds.splits()
+        spec["dataset"] = {
+            "path": ds.path,
+            "input_size": dataset["input_size"],
+            "train_split": train_split,
+            "val_split": val_split,
+        }
     teacher = spec["teacher"]
     if teacher is not None:
         weights = teacher["weights"]

@@ -93,8 +93,9 @@ def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
         allowed = [root.resolve()]
         if row.kind == "path":
             allowed += [r.resolve() for r in settings.dataset_roots]
-        train = _count_split(root, "train", allowed=allowed)
-        val = _count_split(root, "val", allowed=allowed)
+        train_split, val_split = row.splits()
+        train = _count_split(root, train_split, allowed=allowed)
+        val = _count_split(root, val_split, allowed=allowed)
         if train.class_names != val.class_names:
             raise ValueError(
                 f"train and val name different classes: {train.class_names} vs {val.class_names}"

@@ -200,6 +200,11 @@ class Dataset(Base):
     class_names: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
+    def splits(self) -> tuple[str, str]:
+        """(training, validation) split names: a registered or uploaded folder may name its
+        own (COCO 2017: `train2017`, `val2017`); generated ones are `train` and `val`."""
+        return self.source.get("train_split", "train"), self.source.get("val_split", "val")
+
 
 class Model(Base):
     """Uploaded teacher weights, checked by a worker (weights_only) before they are `ready`."""

@@ -16,7 +16,7 @@ from api.problems import responses
 from api.queue import PREPARE_DATASET
 from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
 from api.storage import extract_dataset_zip, resolve_under_roots
-from tid_core.spec import Name
+from tid_core.spec import Name, SplitName
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422))
 
@@ -42,7 +42,7 @@ def create_dataset(
         kind, path = "builtin", settings.datasets_dir / dataset_id
         source = body.model_dump(mode="json", exclude={"name"})
     else:
-        kind, source = "path", {"path": body.path}
+        kind, source = "path", body.model_dump(exclude={"name"})
         path = resolve_under_roots(body.path, settings.dataset_roots, loc=("body", "path"))
     dataset = Dataset(
         id=dataset_id, owner=owner, name=body.name, kind=kind, source=source, path=str(path)
@@ -60,18 +60,24 @@ def upload_dataset(
     name: Annotated[Name, Form()],
     file: UploadFile,
     response: Response,
+    train_split: Annotated[SplitName, Form()] = "train",
+    val_split: Annotated[SplitName, Form()] = "val",
 ) -> DatasetPublic:
-    """A .zip of a COCO folder (`annotations/instances_{train,val}.json` and the images),
-    unpacked into the service's datasets folder after its entries are checked."""
+    """A .zip of a COCO folder (`annotations/instances_<split>.json` and the images under
+    `<split>/` for both splits), unpacked into the service's datasets folder after its entries
+    are checked."""
     dataset_id = new_id()
     path = settings.datasets_dir / dataset_id
-    extract_dataset_zip(file.file, path, max_bytes=settings.max_upload_bytes)
+    splits = {"train_split": train_split, "val_split": val_split}
+    extract_dataset_zip(
+        file.file, path, max_bytes=settings.max_upload_bytes, splits=list(splits.values())
+    )
     dataset = Dataset(
         id=dataset_id,
         owner=owner,
         name=name,
         kind="upload",
-        source={"filename": file.filename},
+        source={"filename": file.filename, **splits},
         path=str(path),
     )
     commit_and_enqueue(session, settings, dataset, PREPARE_DATASET)

@@ -117,6 +117,26 @@ def test_spec_hash_changes_when_a_field_changes(change: dict[str, Any]) -> None:
     assert JobSpec.model_validate(spec(**change)).spec_hash() != first
 
 
+def test_a_path_dataset_names_its_splits_and_specs_without_them_keep_their_hash() -> None:
+    coco = {"path": "/data/coco", "input_size": 640}
+    plain = JobSpec.model_validate(spec(dataset=coco))
+    # what spec_hash hashed before split names existed, so stored idempotency hashes still match
+    assert plain.model_dump(mode="json")["dataset"] == coco
+    defaults = {**coco, "train_split": "train", "val_split": "val"}
+    assert JobSpec.model_validate(spec(dataset=defaults)).spec_hash() == plain.spec_hash()
+
+    named = {**coco, "train_split": "train2017", "val_split": "val2017"}
+    job = JobSpec.model_validate(spec(dataset=named))
+    assert job.model_dump(mode="json")["dataset"] == named
+    assert job.spec_hash() != plain.spec_hash()
+
+
+@pytest.mark.parametrize("name", ["", "../val", "a/b", ".hidden", "train 2017", "x" * 65])
+def test_a_split_name_is_one_plain_path_component(name: str) -> None:
+    message = rejection(spec(dataset={"path": "/data/coco", "train_split": name}))
+    assert "dataset.PathDataset.train_split" in message
+
+
 def method_spec(method: str, **options: Any) -> JobSpec:
     data = spec(distill={"method": method, **options})
     if method == "none":

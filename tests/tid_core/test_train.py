@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from coco_folders import COCO_2017, with_split_names
 from safetensors.torch import load_file
 
 from tid_core.data.synthetic import generate_shapes
@@ -60,11 +61,11 @@ def teacher_block(weights: Path) -> dict[str, Any]:
     }
 
 
-def write_spec(tmp: Path, dataset: Path, **overrides: Any) -> Path:
+def write_spec(tmp: Path, data: Path, **overrides: Any) -> Path:
     spec: dict[str, Any] = {
         "name": "tiny",
         "student": {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64},
-        "dataset": {"path": str(dataset), "input_size": 64},
+        "dataset": {"path": str(data), "input_size": 64},
         "schedule": {"epochs": 2, "batch_size": 4, "warmup_iters": 2, "log_every": 1},
         "resources": {"num_workers": 0, "device": "cpu"},
     }
@@ -146,6 +147,24 @@ def test_train_writes_every_artifact(tmp_path: Path, dataset: Path) -> None:
     assert pt_meta == meta
     for key, value in model.state_dict().items():
         assert torch.equal(value, pt_model.state_dict()[key])
+
+
+def test_a_coco_2017_folder_trains_under_its_own_split_names(tmp_path: Path, dataset: Path) -> None:
+    coco = with_split_names(dataset, tmp_path / "coco", COCO_2017)
+    unnamed = run_train(write_spec(tmp_path, coco, schedule={"epochs": 1}), tmp_path / "unnamed")
+    assert unnamed.returncode != 0
+    assert "instances_train.json" in unnamed.stderr
+    assert "this folder has the splits train2017, val2017" in unnamed.stderr
+
+    splits = {"train_split": "train2017", "val_split": "val2017"}
+    spec = write_spec(tmp_path, coco, dataset=splits, schedule={"epochs": 1})
+    run_dir = tmp_path / "run"
+    proc = run_train(spec, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(run_dir / "events.jsonl")
+    assert events[0]["total_steps"] == math.ceil(16 / 4) and events[-1]["type"] == "end"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["step"] == 4 and "AP" in metrics
 
 
 def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:

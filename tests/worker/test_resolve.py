@@ -50,6 +50,17 @@ def test_dataset_id_becomes_its_path_keeping_input_size(
     assert resolve(settings, job_id)["dataset"] == {"path": "/data/coco", "input_size": 96}
 
 
+def test_a_dataset_id_brings_the_split_names_it_was_registered_with(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    splits = {"train_split": "train2017", "val_split": "val2017"}
+    dataset_id = add(settings, dataset_row(source={"path": "/data/coco", **splits}))
+    job_id = make_job(spec={**tiny_spec(), "dataset": {"id": dataset_id, "input_size": 96}})
+
+    resolved = resolve(settings, job_id)["dataset"]
+    assert resolved == {"path": "/data/coco", "input_size": 96, **splits}
+
+
 def test_teacher_job_becomes_its_student_export(settings: Settings, make_job: MakeJob) -> None:
     teacher_job = make_job(state="succeeded")
     job_id = make_job(spec=with_teacher({"job": teacher_job}))

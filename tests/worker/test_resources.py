@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from coco_folders import COCO_2017, with_split_names
 
 from api.db.models import Dataset, Model
 from api.db.session import session_scope
@@ -72,6 +73,26 @@ def test_prepare_path_dataset_counts_and_fails_on_a_missing_image(settings: Sett
     row = read(settings, Dataset, broken)
     assert row.state == "failed"
     assert "1 val image(s) missing" in row.error
+
+
+def test_prepare_path_dataset_counts_the_splits_it_names(settings: Settings) -> None:
+    builtin_id = add_dataset(
+        settings, kind="builtin", path=settings.datasets_dir / "a", source=SHAPES
+    )
+    prepare_dataset(builtin_id, settings=settings)
+    coco = with_split_names(settings.datasets_dir / "a", settings.datasets_dir / "b", COCO_2017)
+    splits = {"train_split": "train2017", "val_split": "val2017"}
+    named = add_dataset(settings, kind="path", path=coco, source=splits)
+    unnamed = add_dataset(settings, kind="path", path=coco, source={})
+
+    prepare_dataset(named, settings=settings)
+    prepare_dataset(unnamed, settings=settings)
+
+    row = read(settings, Dataset, named)
+    assert (row.state, row.num_train, row.num_val) == ("ready", 3, 2)
+    row = read(settings, Dataset, unnamed)
+    assert row.state == "failed"
+    assert "this folder has the splits train2017, val2017" in row.error
 
 
 @pytest.mark.parametrize("escape", ["dotdot", "symlink"])

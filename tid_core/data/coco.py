@@ -1,7 +1,8 @@
 """Reader for any COCO-format detection folder, plus a sampler and loader that can resume mid-epoch.
 
-Layout: `root/annotations/instances_{split}.json` and images under `root/{split}/`. Images are not
-resized here because the detectors' own transforms resize them.
+Layout: `root/annotations/instances_{split}.json` and images under `root/{split}/` (a COCO 2017
+folder: splits `train2017` and `val2017`). Images are not resized here because the detectors'
+own transforms resize them.
 
 A training sample's random augmentation is drawn from a seed of its own, a function of (run
 seed, epoch, index) that the sampler hands over with the index: a run resumed mid-epoch, in a
@@ -64,7 +65,17 @@ class CocoDetection(Dataset[Sample]):
         try:
             content = json.loads(self.ann_file.read_text())
         except FileNotFoundError as error:
-            raise FileNotFoundError(f"annotation file not found: {self.ann_file}") from error
+            found = sorted(
+                f.name.removeprefix("instances_").removesuffix(".json")
+                for f in (self.root / "annotations").glob("instances_*.json")
+            )
+            hint = (
+                f" (this folder has the splits {', '.join(found)}: name yours with the "
+                "dataset's `train_split` and `val_split`)"
+                if found
+                else ""
+            )
+            raise FileNotFoundError(f"annotation file not found: {self.ann_file}{hint}") from error
         except (OSError, ValueError) as error:
             raise ValueError(f"{self.ann_file}: not a readable json file ({error})") from error
         if not isinstance(content, dict):

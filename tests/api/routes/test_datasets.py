@@ -32,6 +32,7 @@ BUILTIN = {
     "seed": 1,
 }
 COCO = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "circle"}]}
+COCO_2017_SPLITS = {"train_split": "train2017", "val_split": "val2017"}
 
 
 def make_zip(entries: dict[str, bytes], *, links: tuple[str, ...] = ()) -> bytes:
@@ -46,20 +47,25 @@ def make_zip(entries: dict[str, bytes], *, links: tuple[str, ...] = ()) -> bytes
     return buffer.getvalue()
 
 
-def coco_entries(top: str = "") -> dict[str, bytes]:
+def coco_entries(top: str = "", splits: tuple[str, str] = ("train", "val")) -> dict[str, bytes]:
     ann = json.dumps(COCO).encode()
-    return {
-        f"{top}annotations/instances_train.json": ann,
-        f"{top}annotations/instances_val.json": ann,
-        f"{top}train/0.png": b"\x89PNG fake",
-        f"{top}val/0.png": b"\x89PNG fake",
-    }
+    entries = {}
+    for split in splits:
+        entries[f"{top}annotations/instances_{split}.json"] = ann
+        entries[f"{top}{split}/0.png"] = b"\x89PNG fake"
+    return entries
 
 
-def upload(client: TestClient, headers: dict[str, str], data: bytes, name: str = "up") -> Response:
+def upload(
+    client: TestClient,
+    headers: dict[str, str],
+    data: bytes,
+    name: str = "up",
+    **fields: str,
+) -> Response:
     files = {"file": ("coco.zip", data, "application/zip")}
     response: Response = client.post(
-        "/v1/datasets/upload", data={"name": name}, files=files, headers=headers
+        "/v1/datasets/upload", data={"name": name, **fields}, files=files, headers=headers
     )
     return response
 
@@ -98,19 +104,41 @@ def test_create_builtin_dataset_out_of_bounds_is_422(
     assert_problem(response, 422, fragment)
 
 
+@pytest.mark.parametrize(
+    ("splits", "names"),
+    [({}, ("train", "val")), (COCO_2017_SPLITS, ("train2017", "val2017"))],
+    ids=["default-splits", "coco-2017"],
+)
 def test_register_path_dataset_under_a_root(
-    client: TestClient, owner_headers: dict[str, str], db: Session, sent: Sent, settings: Settings
+    client: TestClient,
+    owner_headers: dict[str, str],
+    db: Session,
+    sent: Sent,
+    settings: Settings,
+    splits: dict[str, str],
+    names: tuple[str, str],
 ) -> None:
     folder = settings.dataset_roots[0] / "coco"
     folder.mkdir()
-    body = {"name": "mine", "path": str(folder)}
+    body = {"name": "mine", "path": str(folder), **splits}
     response = client.post("/v1/datasets", json=body, headers=owner_headers)
     assert response.status_code == 202, response.text
     created = response.json()
-    assert (created["kind"], created["source"]) == ("path", {"path": str(folder)})
+    source = {"path": str(folder), "train_split": names[0], "val_split": names[1]}
+    assert (created["kind"], created["source"]) == ("path", source)
     row = db.get(Dataset, created["id"])
     assert row is not None and row.path == str(folder.resolve())
+    assert row.splits() == names
     assert sent == [(PREPARE_DATASET, (created["id"],))]
+
+
+def test_register_path_with_a_bad_split_name_is_422(
+    client: TestClient, owner_headers: dict[str, str], settings: Settings
+) -> None:
+    body = {"name": "mine", "path": str(settings.dataset_roots[0]), "val_split": "../val"}
+    response = client.post("/v1/datasets", json=body, headers=owner_headers)
+    problem = assert_problem(response, 422, "val_split")
+    assert problem["errors"][0]["loc"] == ["body", "path", "val_split"]
 
 
 def test_register_path_outside_the_roots_is_422(
@@ -143,7 +171,7 @@ def test_upload_zip_is_extracted_pending_and_sent(
     assert (body["kind"], body["state"], body["source"]) == (
         "upload",
         "pending",
-        {"filename": "coco.zip"},
+        {"filename": "coco.zip", "train_split": "train", "val_split": "val"},
     )
     root = settings.datasets_dir / body["id"]
     assert json.loads((root / "annotations" / "instances_val.json").read_text()) == COCO
@@ -221,6 +249,22 @@ def test_upload_not_a_coco_zip_is_422(client: TestClient, owner_headers: dict[st
     assert_problem(upload(client, owner_headers, b"not a zip"), 422, "not a zip archive")
     no_annotations = make_zip({"train/0.png": b"x"})
     assert_problem(upload(client, owner_headers, no_annotations), 422, "instances_train.json")
+
+
+def test_upload_zip_of_a_coco_2017_folder_names_its_splits(
+    client: TestClient, owner_headers: dict[str, str], settings: Settings
+) -> None:
+    coco_2017 = make_zip(coco_entries(top="coco/", splits=("train2017", "val2017")))
+    unnamed = upload(client, owner_headers, coco_2017)
+    assert_problem(unnamed, 422, "instances_train.json")
+
+    response = upload(client, owner_headers, coco_2017, **COCO_2017_SPLITS)
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["source"] == {"filename": "coco.zip", **COCO_2017_SPLITS}
+    root = settings.datasets_dir / body["id"]
+    assert (root / "annotations" / "instances_val2017.json").is_file()
+    assert (root / "train2017" / "0.png").is_file()
 
 
 def test_upload_over_the_limit_is_413(
