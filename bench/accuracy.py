@@ -30,7 +30,7 @@ import os
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,7 @@ def train_teacher(
 
 
 def students(
+    pool: ThreadPoolExecutor,
     args: argparse.Namespace,
     methods: dict[str, dict[str, Any]],
     recipe: recipes.Recipe,
@@ -238,9 +239,9 @@ def students(
     teacher: dict[str, Any],
     weights: dict[str, float],
     seeds: list[int],
-) -> dict[str, list[dict[str, Any]]]:
-    """Train every (method, seed) run, `--jobs` at a time (`methods`: name -> distill
-    block); results by method."""
+) -> dict[str, list[Future[dict[str, Any]]]]:
+    """Queue every (method, seed) run on `pool`, in order (`methods`: name -> distill block);
+    their futures by method."""
     inputs = {"teacher": sha256_file(Path(teacher["weights"]["path"]))}
     todo = []
     for name, block in methods.items():
@@ -263,15 +264,10 @@ def students(
             todo.append(
                 (name, f"{name}-s{seed}", spec, args.out / "runs" / f"{name}-s{seed}-{key}")
             )
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [
-            (name, pool.submit(run_job, label, spec, run_dir, inputs=inputs))
-            for name, label, spec, run_dir in todo
-        ]
-        results: dict[str, list[dict[str, Any]]] = {name: [] for name in methods}
-        for name, future in futures:
-            results[name].append(future.result())
-    return results
+    futures: dict[str, list[Future[dict[str, Any]]]] = {name: [] for name in methods}
+    for name, label, spec, run_dir in todo:
+        futures[name].append(pool.submit(run_job, label, spec, run_dir, inputs=inputs))
+    return futures
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,19 +304,6 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         }
         return tune(args, recipe, held_out, teacher, teacher_ap)
 
-    results = students(args, {"none": METHODS["none"]}, recipe, dataset, teacher, {}, seeds)
-    base = summarise(results["none"])["AP"]
-    margin_ok = teacher_ap >= base + TEACHER_MARGIN_AP
-    if not margin_ok:
-        message = (
-            f"the teacher ({teacher_ap:.1f} AP) is not clearly stronger than the student "
-            f"alone ({base:.1f} AP; margin {TEACHER_MARGIN_AP}): a comparison would mean "
-            "nothing; train the teacher longer"
-        )
-        if not args.quick:
-            raise SystemExit(f"refused: {message}")
-        print(f"note (quick mode, not enforced): {message}", flush=True)
-
     unit = {}  # the gradient ratio at loss weight 1: it scales linearly with the weight
     distilled = [m for m in args.methods if m != "none"]
     for name in distilled:
@@ -341,8 +324,23 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         name: args.match_grad_ratio / ratio if args.match_grad_ratio else default_weight
         for name, ratio in unit.items()
     }
-    blocks = {name: METHODS[name] for name in distilled}
-    results.update(students(args, blocks, recipe, dataset, teacher, weights, seeds))
+    methods = {name: METHODS[name] for name in ["none", *distilled]}
+    # one queue for every run, the lone student's first: no core waits for a method's last seed
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = students(pool, args, methods, recipe, dataset, teacher, weights, seeds)
+        base = summarise([f.result() for f in futures["none"]])["AP"]
+        margin_ok = teacher_ap >= base + TEACHER_MARGIN_AP
+        if not margin_ok:
+            message = (
+                f"the teacher ({teacher_ap:.1f} AP) is not clearly stronger than the student "
+                f"alone ({base:.1f} AP; margin {TEACHER_MARGIN_AP}): a comparison would mean "
+                "nothing; train the teacher longer"
+            )
+            if not args.quick:
+                pool.shutdown(cancel_futures=True)  # the runs already started still finish
+                raise SystemExit(f"refused: {message}")
+            print(f"note (quick mode, not enforced): {message}", flush=True)
+        results = {name: [f.result() for f in runs] for name, runs in futures.items()}
 
     table: dict[str, dict[str, Any]] = {"teacher": summarise([teacher_run])}
     for name, runs in results.items():
@@ -380,8 +378,9 @@ def tune(
             for gamma in TUNE_GRID["gamma"]:
                 grid[f"tid-lw{lw}-g{gamma}"] = {"method": "tid", "loss_weight": lw, "gamma": gamma}
     methods = {"none": METHODS["none"], **grid}
-    results = students(args, methods, recipe, dataset, teacher, {}, [TUNING_SEED])
-    table = {name: summarise(runs) for name, runs in results.items()}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = students(pool, args, methods, recipe, dataset, teacher, {}, [TUNING_SEED])
+        table = {name: summarise([f.result() for f in runs]) for name, runs in futures.items()}
     return {"teacher_AP": teacher_ap, "tuning_seed": TUNING_SEED, "methods": table}
 
 
