@@ -14,6 +14,7 @@ and teacher). The same command serves real COCO on a GPU:
 
     python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--splits train,val]
         [--device cuda] [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
+        [--teacher fcos:resnet50:256] [--student fcos:resnet18:128] [--image-size N]
         [--teacher-epochs N] [--student-epochs N]
 
 `--tune` runs the TID loss-weight/gamma grid on the tuning dataset and seed (disjoint from the
@@ -70,6 +71,15 @@ TEACHER_MARGIN_AP = 3.0  # the teacher must beat the lone student by this many A
 TUNING_SEED = 0  # the tuning grid's seed and dataset seed; reporting seeds must differ
 TUNE_GRID = {"loss_weight": (0.25, 0.5, 1.0), "gamma": (0.5, 1.0)}
 PROBE_BATCHES = 4
+
+
+def model_block(text: str) -> dict[str, Any]:
+    """`fcos:resnet50:256` -> the spec's model block (checked by JobSpec when a job is built)."""
+    try:
+        arch, backbone, fpn = text.split(":")
+        return {"arch": arch, "backbone": backbone, "fpn_channels": int(fpn)}
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected ARCH:BACKBONE:FPN") from exc
 
 
 def job_spec(
@@ -276,6 +286,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         recipe,
         teacher_epochs=args.teacher_epochs or recipe.teacher_epochs,
         student_epochs=args.student_epochs or recipe.student_epochs,
+        image_size=args.image_size or recipe.image_size,
+        teacher=args.teacher or recipe.teacher,
+        student=args.student or recipe.student,
     )
     seeds = (
         [int(s) for s in args.seeds.split(",")]
@@ -404,6 +417,15 @@ def main(argv: list[str] | None = None) -> int:
         "--match-grad-ratio",
         type=float,
         help="set each method's loss weight so its initial distill/detection gradient ratio is R",
+    )
+    parser.add_argument(
+        "--teacher", type=model_block, help="ARCH:BACKBONE:FPN, default fcos:resnet18:256"
+    )
+    parser.add_argument(
+        "--student", type=model_block, help="ARCH:BACKBONE:FPN, default fcos:resnet18:128"
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="input size (and synthetic image size); default 128"
     )
     parser.add_argument("--teacher-epochs", type=int, help="default: the demo's 6")
     parser.add_argument("--student-epochs", type=int, help="every student's; default: the demo's 3")
