@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Tag
 
-from tid_core.spec import BuiltinDataset, Name, PathStr, SplitName
+from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT, BuiltinDataset, Name, PathStr, SplitName
 
 
 class _Public(BaseModel):
@@ -101,8 +101,8 @@ class PathDatasetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
     name: Name
     path: PathStr
-    train_split: SplitName = "train"
-    val_split: SplitName = "val"
+    train_split: SplitName = TRAIN_SPLIT
+    val_split: SplitName = VAL_SPLIT
 
 
 def _dataset_kind(body: Any) -> str:

@@ -143,7 +143,7 @@ def _central_directory_bytes(src: BinaryIO) -> int | None:
 
 
 def extract_dataset_zip(
-    src: BinaryIO, dest: Path, *, max_bytes: int, splits: Sequence[str] = ("train", "val")
+    src: BinaryIO, dest: Path, *, max_bytes: int, splits: Sequence[str]
 ) -> None:
     """Unpack a zipped COCO folder with these splits into `dest` (created here), or raise and
     remove it again."""

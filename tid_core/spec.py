@@ -38,6 +38,7 @@ IdStr = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_
 SplitName = Annotated[
     str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 ]
+TRAIN_SPLIT, VAL_SPLIT = "train", "val"  # a folder's split names unless it names its own
 
 
 class _Strict(BaseModel):
@@ -92,8 +93,8 @@ class PathDataset(_Strict):
 
     path: PathStr
     input_size: int = Field(default=512, ge=32, le=2048, multiple_of=32)
-    train_split: SplitName = _split("train")
-    val_split: SplitName = _split("val")
+    train_split: SplitName = _split(TRAIN_SPLIT)
+    val_split: SplitName = _split(VAL_SPLIT)
 
 
 class BuiltinDataset(_Strict):
@@ -111,11 +112,11 @@ class BuiltinDataset(_Strict):
 
     @property
     def train_split(self) -> str:
-        return "train"
+        return TRAIN_SPLIT
 
     @property
     def val_split(self) -> str:
-        return "val"
+        return VAL_SPLIT
 
 
 class IdDataset(_Strict):

@@ -27,6 +27,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT
+
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL_STATES = ("succeeded", "failed", "cancelled")
 
@@ -203,7 +205,7 @@ class Dataset(Base):
     def splits(self) -> tuple[str, str]:
         """(training, validation) split names: a registered or uploaded folder may name its
         own (COCO 2017: `train2017`, `val2017`); generated ones are `train` and `val`."""
-        return self.source.get("train_split", "train"), self.source.get("val_split", "val")
+        return self.source.get("train_split", TRAIN_SPLIT), self.source.get("val_split", VAL_SPLIT)
 
 
 class Model(Base):

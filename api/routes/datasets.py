@@ -16,7 +16,7 @@ from api.problems import responses
 from api.queue import PREPARE_DATASET
 from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
 from api.storage import extract_dataset_zip, resolve_under_roots
-from tid_core.spec import Name, SplitName
+from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT, Name, SplitName
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422))
 
@@ -60,8 +60,8 @@ def upload_dataset(
     name: Annotated[Name, Form()],
     file: UploadFile,
     response: Response,
-    train_split: Annotated[SplitName, Form()] = "train",
-    val_split: Annotated[SplitName, Form()] = "val",
+    train_split: Annotated[SplitName, Form()] = TRAIN_SPLIT,
+    val_split: Annotated[SplitName, Form()] = VAL_SPLIT,
 ) -> DatasetPublic:
     """A .zip of a COCO folder (`annotations/instances_<split>.json` and the images under
     `<split>/` for both splits), unpacked into the service's datasets folder after its entries
