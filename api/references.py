@@ -1,7 +1,8 @@
 """What a JobSpec refers to must exist, belong to the caller and be usable: a dataset that is
-`ready`, a teacher from a `succeeded` job or a `ready` uploaded model, a server path only under
-an allowed root. Checked at submit time, so a queued job never waits on a bad reference; each
-failure is a 422 naming the reference and where it is in the body.
+`ready`, weights (a teacher, a student's backbone) from a `succeeded` job or a `ready` uploaded
+model that hold what the spec declares, a server path only under an allowed root. Checked at
+submit time, so a queued job never waits on a bad reference; each failure is a 422 naming the
+reference and where it is in the body.
 """
 
 from __future__ import annotations
@@ -15,7 +16,15 @@ from api.deps import Owned, find_owned
 from api.problems import Unprocessable
 from api.settings import Settings
 from api.storage import resolve_under_roots
-from tid_core.spec import IdDataset, JobSpec, JobWeights, ModelWeights, PathDataset, Weights
+from tid_core.spec import (
+    IdDataset,
+    JobSpec,
+    JobWeights,
+    ModelSpec,
+    ModelWeights,
+    PathDataset,
+    Weights,
+)
 
 
 def _require(
@@ -26,7 +35,7 @@ def _require(
     owner: str,
     state: str,
     loc: Sequence[str],
-) -> None:
+) -> Owned:
     """A referenced resource must be the caller's and in `state`; otherwise the spec is 422."""
     kind = table.__name__.lower()
     row = find_owned(session, table, row_id, owner=owner)
@@ -34,20 +43,45 @@ def _require(
         raise Unprocessable(f"{kind} {row_id} not found", loc=loc)
     if row.state != state:
         raise Unprocessable(f"{kind} {row_id} is {row.state}, it must be {state}", loc=loc)
+    return row
 
 
-def _check_weights(session: Session, weights: Weights, *, owner: str) -> None:
-    loc = ("body", "teacher", "weights")
+def _check_weights(
+    session: Session, weights: Weights, *, owner: str, model: ModelSpec, field: str
+) -> None:
+    """The weights exist, are ready, and hold what `model` declares: the whole detector for
+    `teacher.weights`, its backbone for `student.weights_backbone` (a mismatch would otherwise
+    fail the job only once a worker loads the file)."""
+    part, name = field.split(".")
+    loc: tuple[str, ...] = ("body", part, name)
+    keys = ("arch", "backbone", "fpn_channels") if name == "weights" else ("backbone",)
     if isinstance(weights, JobWeights):
-        _require(session, Job, weights.job, owner=owner, state="succeeded", loc=(*loc, "job"))
+        loc = (*loc, "job")
+        job = _require(session, Job, weights.job, owner=owner, state="succeeded", loc=loc)
+        source, held = f"job {job.id}", JobSpec.model_validate(job.spec).student.model_dump()
     elif isinstance(weights, ModelWeights):
-        _require(session, Model, weights.model, owner=owner, state="ready", loc=(*loc, "model"))
+        loc = (*loc, "model")
+        row = _require(session, Model, weights.model, owner=owner, state="ready", loc=loc)
+        source, held = f"model {row.id}", row.meta or {}
+        if name == "weights" and "arch" not in held:
+            raise Unprocessable(
+                f"{source} holds a {held.get('backbone')} backbone, not a detector: use it as "
+                "student.weights_backbone; a teacher needs detector weights",
+                loc=loc,
+            )
     else:
         raise Unprocessable(
-            'teacher weights by server path are not accepted through the API: use {"job": id} '
-            'of a finished job, or upload the file (POST /v1/models) and use {"model": id}',
+            f'{field} by server path is not accepted through the API: use {{"job": id}} of a '
+            'finished job, or upload the file (POST /v1/models) and use {"model": id}',
             loc=(*loc, "path"),
         )
+    for key in keys:
+        want = getattr(model, key)
+        if held.get(key) != want:
+            raise Unprocessable(
+                f"{source} has {key}={held.get(key)!r} but {part} declares {key}={want!r}",
+                loc=loc,
+            )
 
 
 def checked_spec(session: Session, settings: Settings, spec: JobSpec, *, owner: str) -> JobSpec:
@@ -60,6 +94,13 @@ def checked_spec(session: Session, settings: Settings, spec: JobSpec, *, owner: 
         loc = ("body", "dataset", "path")
         real = resolve_under_roots(dataset.path, settings.dataset_roots, loc=loc)
         spec = spec.model_copy(update={"dataset": dataset.model_copy(update={"path": str(real)})})
+    if spec.student.weights_backbone is not None:
+        weights = spec.student.weights_backbone
+        _check_weights(
+            session, weights, owner=owner, model=spec.student, field="student.weights_backbone"
+        )
     if spec.teacher is not None:
-        _check_weights(session, spec.teacher.weights, owner=owner)
+        _check_weights(
+            session, spec.teacher.weights, owner=owner, model=spec.teacher, field="teacher.weights"
+        )
     return spec

@@ -15,6 +15,7 @@ and teacher). The same command serves real COCO on a GPU:
     python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--splits train,val]
         [--device cuda] [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
         [--teacher fcos:resnet50:256] [--student fcos:resnet18:128] [--image-size N]
+        [--teacher-weights-backbone FILE] [--student-weights-backbone FILE]
         [--teacher-epochs N] [--student-epochs N]
 
 `--tune` runs the TID loss-weight/gamma grid on the tuning dataset and seed (disjoint from the
@@ -80,6 +81,19 @@ def model_block(text: str) -> dict[str, Any]:
         return {"arch": arch, "backbone": backbone, "fpn_channels": int(fpn)}
     except ValueError as exc:
         raise argparse.ArgumentTypeError(f"{text!r}: expected ARCH:BACKBONE:FPN") from exc
+
+
+def initialised(block: dict[str, Any], weights_backbone: Path | None) -> dict[str, Any]:
+    """A model block whose backbone starts from `weights_backbone` (e.g. ImageNet weights for
+    a COCO run), as a training job's `student`."""
+    if weights_backbone is None:
+        return block
+    return {**block, "weights_backbone": {"path": str(weights_backbone.resolve())}}
+
+
+def digests(**files: Path | None) -> dict[str, str]:
+    """name -> sha256 of the given files: what a cached run was trained from."""
+    return {name: sha256_file(path) for name, path in files.items() if path is not None}
 
 
 def job_spec(
@@ -225,7 +239,7 @@ def train_teacher(
 ) -> tuple[dict[str, Any], Path]:
     spec = job_spec(
         "bench-teacher",
-        recipe.teacher,
+        initialised(recipe.teacher, args.teacher_weights_backbone),
         dataset,
         recipe=recipe,
         epochs=recipe.teacher_epochs,
@@ -236,7 +250,8 @@ def train_teacher(
     run_dir = args.out / f"teacher-{key}"
     # the teacher trains alone: it gets every core, not the students' share
     cores = len(os.sched_getaffinity(0))
-    result = run_job("teacher", spec, run_dir, inputs={"data": str(data)}, threads=cores)
+    inputs = {"data": str(data), **digests(backbone=args.teacher_weights_backbone)}
+    result = run_job("teacher", spec, run_dir, inputs=inputs, threads=cores)
     return result, run_dir / "student.safetensors"
 
 
@@ -252,7 +267,9 @@ def students(
 ) -> dict[str, list[Future[dict[str, Any]]]]:
     """Queue every (method, seed) run on `pool`, in order (`methods`: name -> distill block);
     their futures by method."""
-    inputs = {"teacher": sha256_file(Path(teacher["weights"]["path"]))}
+    inputs = digests(
+        teacher=Path(teacher["weights"]["path"]), backbone=args.student_weights_backbone
+    )
     todo = []
     for name, block in methods.items():
         distill = dict(block)
@@ -261,7 +278,7 @@ def students(
         for seed in seeds:
             spec = job_spec(
                 f"bench-{name}-s{seed}",
-                recipe.student,
+                initialised(recipe.student, args.student_weights_backbone),
                 dataset,
                 recipe=recipe,
                 epochs=recipe.student_epochs,
@@ -322,7 +339,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     for name in distilled:
         probe = job_spec(
             "probe",
-            recipe.student,
+            initialised(recipe.student, args.student_weights_backbone),
             dataset,
             recipe=recipe,
             epochs=1,
@@ -424,6 +441,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--student", type=model_block, help="ARCH:BACKBONE:FPN, default fcos:resnet18:128"
     )
+    for role in ("teacher", "student"):
+        parser.add_argument(
+            f"--{role}-weights-backbone",
+            type=Path,
+            metavar="FILE",
+            help=f"initialise the {role}'s backbone (a torchvision ImageNet state dict)",
+        )
     parser.add_argument(
         "--image-size", type=int, help="input size (and synthetic image size); default 128"
     )

@@ -3,11 +3,12 @@
 Every backbone yields the same five FPN levels (P3..P7, strides 8..128) at a chosen width, so a
 teacher and a student of different backbones produce aligned feature grids. torchvision's own
 FPN helpers fix the width at 256; we build `BackboneWithFPN` directly to choose it.
-No pretrained weights are ever downloaded.
+No pretrained weights are ever downloaded: a student's backbone starts from a file the user
+supplies (`load_backbone`: a torchvision ImageNet state dict, or a detector trained here).
 
 Weight files carry metadata (arch, backbone, classes, ...) and are checked against what the
 caller declares before a strict load: a mismatch raises `WeightsMismatchError`, never a partial
-load.
+load (a backbone load is strict over the backbone and leaves the FPN and heads alone).
 """
 
 from __future__ import annotations
@@ -232,6 +233,79 @@ def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, w
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise WeightsMismatchError(f"weights {path.name} do not fit {what}: {exc}") from exc
+
+
+# where a backbone's body sits in the files `load_backbone` reads: a torchvision ResNet
+# classifier (top level), a MobileNetV3 classifier (`features`), a detector (`backbone.body`)
+_BODY_PREFIXES = ("", "features.", "backbone.body.")
+
+
+def _body_tensors(
+    state: dict[str, torch.Tensor], own: dict[str, torch.Tensor], *, what: str
+) -> dict[str, torch.Tensor]:
+    """`own` (a backbone body's state dict) filled from `state`, or a WeightsMismatchError.
+
+    Keys beyond the body (a classifier's `fc`, a detector's FPN and heads) are not used; keys
+    inside it must all be the body's.
+    BatchNorm's `num_batches_tracked` may be missing (older torchvision files): it counts
+    steps, it is not a weight.
+    """
+    needed = [k for k in own if not k.endswith("num_batches_tracked")]
+    prefix = max(_BODY_PREFIXES, key=lambda p: sum(p + k in state for k in needed))
+    missing = [k for k in needed if prefix + k not in state]
+    if missing:
+        raise WeightsMismatchError(
+            f"{what}: {len(missing)} of its {len(needed)} tensors are missing "
+            f"(e.g. {', '.join(missing[:3])})"
+        )
+    # a deeper network of the family (ResNet34's layer1.2 for a ResNet18) is not this backbone
+    modules = {k.split(".")[0] for k in own}
+    inside = [k.removeprefix(prefix) for k in state if k.startswith(prefix)]
+    extra = [k for k in inside if k not in own and k.split(".")[0] in modules]
+    if extra:
+        raise WeightsMismatchError(
+            f"{what}: {len(extra)} tensors are not in it (e.g. {', '.join(extra[:3])})"
+        )
+    found = {k: state[prefix + k] for k in own if prefix + k in state}
+    wrong = [
+        f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+        for k, v in found.items()
+        if v.shape != own[k].shape
+    ]
+    if wrong:
+        raise WeightsMismatchError(f"{what}: shapes differ: {'; '.join(wrong[:3])}")
+    return {**own, **found}
+
+
+def load_backbone(model: FCOS | RetinaNet, path: Path, *, backbone: str) -> None:
+    """Initialise `model`'s backbone from `path` (a torchvision classifier's state dict or a
+    detector of the same backbone): all of its weights, or a WeightsMismatchError. Pretraining
+    transfers features, not the task: the FPN and heads keep their initialisation."""
+    state, meta = read_weights(path)
+    if meta is not None and meta.backbone != backbone:
+        raise WeightsMismatchError(
+            f"backbone weights {path.name} are from a {meta.backbone} detector but the spec "
+            f"declares {backbone}"
+        )
+    body = model.backbone.body
+    what = f"backbone weights {path.name} do not hold a {backbone}"
+    body.load_state_dict(_body_tensors(state, body.state_dict(), what=what), strict=True)
+
+
+def identify_backbone(path: Path) -> str:
+    """The backbone whose weights `path` holds (what `load_backbone` accepts), or a
+    WeightsMismatchError: how an upload without tid metadata is recognised."""
+    state, _ = read_weights(path)
+    for name in BACKBONES:
+        try:
+            _body_tensors(state, _fpn_backbone(name, 64).body.state_dict(), what=name)
+        except WeightsMismatchError:
+            continue
+        return name
+    raise WeightsMismatchError(
+        f"{path.name} holds neither tid detector weights nor the weights of a backbone "
+        f"({', '.join(BACKBONES)})"
+    )
 
 
 def load_student(

@@ -77,14 +77,22 @@ class ModelSpec(_Strict):
     fpn_channels: int = Field(default=128, ge=64, le=512, multiple_of=32)
 
 
+def _omitted_at_default(default: Any) -> Any:
+    """A field added after specs were stored: left out of dumps (and so of `spec_hash`) at its
+    default, so specs written before it existed keep their hash."""
+    return Field(default=default, exclude_if=lambda value: value == default)
+
+
+class StudentSpec(ModelSpec):
+    """The detector a job trains. `weights_backbone` (torchvision's name) initialises its
+    backbone from a file: a torchvision ImageNet classifier's state dict, or any detector of the
+    same backbone (a finished job, an uploaded model); the FPN and heads start random."""
+
+    weights_backbone: Weights | None = _omitted_at_default(None)
+
+
 class TeacherSpec(ModelSpec):
     weights: Weights
-
-
-def _split(default: str) -> Any:
-    """A split name field, left out of dumps (and so of `spec_hash`) at its default: specs
-    written before the field existed keep their hash."""
-    return Field(default=default, exclude_if=lambda name: name == default)
 
 
 class PathDataset(_Strict):
@@ -93,8 +101,8 @@ class PathDataset(_Strict):
 
     path: PathStr
     input_size: int = Field(default=512, ge=32, le=2048, multiple_of=32)
-    train_split: SplitName = _split(TRAIN_SPLIT)
-    val_split: SplitName = _split(VAL_SPLIT)
+    train_split: SplitName = _omitted_at_default(TRAIN_SPLIT)
+    val_split: SplitName = _omitted_at_default(VAL_SPLIT)
 
 
 class BuiltinDataset(_Strict):
@@ -229,7 +237,7 @@ class JobSpec(_Strict):
 
     name: Name = "job"
     teacher: TeacherSpec | None = None
-    student: ModelSpec = ModelSpec()
+    student: StudentSpec = StudentSpec()
     dataset: Dataset
     distill: DistillSpec = DistillSpec()
     schedule: ScheduleSpec = ScheduleSpec()

@@ -52,10 +52,16 @@ from tid_core.engine import (
 )
 from tid_core.evaluate import DEFAULT_BACKEND, coco_metrics
 from tid_core.events import EventWriter
-from tid_core.models import DetectorMeta, build_detector, load_checked, save_weights
+from tid_core.models import (
+    DetectorMeta,
+    build_detector,
+    load_backbone,
+    load_checked,
+    save_weights,
+)
 from tid_core.rundir import RunDirLocked, lock_run_dir
 from tid_core.scalars import ScalarLog
-from tid_core.spec import BuiltinDataset, DistillSpec, IdDataset, JobSpec, PathWeights
+from tid_core.spec import BuiltinDataset, DistillSpec, IdDataset, JobSpec, PathWeights, Weights
 
 log = logging.getLogger("tid_core.train")
 EXIT_INTERRUPTED = 143
@@ -127,6 +133,12 @@ def build_distill_loss(d: DistillSpec) -> nn.Module | None:
     )
 
 
+def _weights_path(weights: Weights, where: str) -> Path:
+    if not isinstance(weights, PathWeights):
+        raise ValueError(f"{where} {weights!r} is unresolved: the service maps ids to paths")
+    return Path(weights.path)
+
+
 def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Distiller:
     student = build_detector(
         arch=spec.student.arch,
@@ -135,13 +147,13 @@ def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Dis
         fpn_channels=spec.student.fpn_channels,
         image_size=input_size,
     )
+    if spec.student.weights_backbone is not None:
+        path = _weights_path(spec.student.weights_backbone, "student.weights_backbone")
+        load_backbone(student, path, backbone=spec.student.backbone)
     if spec.teacher is None:
         return Distiller(student)
-    weights = spec.teacher.weights
-    if not isinstance(weights, PathWeights):
-        raise ValueError(f"teacher weights {weights!r} are unresolved: the service maps ids")
     teacher = load_checked(
-        Path(weights.path),
+        _weights_path(spec.teacher.weights, "teacher.weights"),
         arch=spec.teacher.arch,
         backbone=spec.teacher.backbone,
         num_classes=train_ds.num_classes,

@@ -15,7 +15,7 @@ from api.db.models import Dataset, Job, Model
 from api.settings import Settings
 from tid_core.spec import JobSpec
 
-STUDENT_WEIGHTS = "student.safetensors"  # the export of a finished job that a teacher loads
+STUDENT_WEIGHTS = "student.safetensors"  # a finished job's export, read as weights by later jobs
 
 Row = TypeVar("Row", Dataset, Model, Job)
 
@@ -36,7 +36,7 @@ def resolve_spec(session: Session, job: Job, settings: Settings) -> dict[str, An
     """The job's spec with `{"id"}` datasets and `{"job"}` / `{"model"}` weights as paths.
 
     Raises ResolveError (a ValueError) when a referenced dataset or model is missing or not
-    ready. A teacher job is not checked beyond existing: if it left no student file, the trainer
+    ready. A source job is not checked beyond existing: if it left no student file, the trainer
     fails naming the missing file, which says more than a state would.
     """
     spec = JobSpec.model_validate(job.spec).model_dump(mode="json")
@@ -52,15 +52,25 @@ def resolve_spec(session: Session, job: Job, settings: Settings) -> dict[str, An
             "train_split": train_split,
             "val_split": val_split,
         }
-    teacher = spec["teacher"]
-    if teacher is not None:
-        weights = teacher["weights"]
-        if "job" in weights:
-            source = _owned(session, Job, weights["job"], job=job, what="job")
-            teacher["weights"] = {"path": str(settings.jobs_dir / source.id / STUDENT_WEIGHTS)}
-        elif "model" in weights:
-            model = _owned(session, Model, weights["model"], job=job, what="model")
-            if model.state != "ready":
-                raise ResolveError(f"model {model.id!r} is {model.state}, not ready")
-            teacher["weights"] = {"path": model.path}
+    if spec["student"].get("weights_backbone") is not None:
+        weights = spec["student"]["weights_backbone"]
+        spec["student"]["weights_backbone"] = _weights_path(session, job, settings, weights)
+    if spec["teacher"] is not None:
+        weights = spec["teacher"]["weights"]
+        spec["teacher"]["weights"] = _weights_path(session, job, settings, weights)
     return JobSpec.model_validate(spec).model_dump(mode="json")
+
+
+def _weights_path(
+    session: Session, job: Job, settings: Settings, weights: dict[str, str]
+) -> dict[str, str]:
+    """`{"job"}` / `{"model"}` weights as `{"path"}`."""
+    if "job" in weights:
+        source = _owned(session, Job, weights["job"], job=job, what="job")
+        return {"path": str(settings.jobs_dir / source.id / STUDENT_WEIGHTS)}
+    if "model" in weights:
+        model = _owned(session, Model, weights["model"], job=job, what="model")
+        if model.state != "ready":
+            raise ResolveError(f"model {model.id!r} is {model.state}, not ready")
+        return {"path": model.path}
+    return weights

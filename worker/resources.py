@@ -4,7 +4,8 @@ Torch is imported by the first such task, not when the worker starts: it is 5 of
 worker takes to import, and training jobs run it in the trainer process, never here.
 
 A dataset is `ready` once both splits parse as COCO and their images exist; an uploaded model
-once its weights load, without unpickling code, into the detector its own metadata describes.
+once its weights load, without unpickling code, into the detector its own metadata describes
+(or, without tid metadata, into the backbone whose tensors it holds).
 Either is `failed` with the reason otherwise. A resource that is no longer `pending` is left
 alone, so a duplicate message is a no-op.
 """
@@ -116,15 +117,21 @@ def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
 
 
 def check_model(model_id: str, *, settings: Settings) -> None:
-    """Load uploaded weights safely and strictly into the detector their metadata declares."""
+    """Load uploaded weights safely and strictly: a detector into the one its metadata
+    declares (meta: arch, backbone, classes...), a file without tid metadata as the backbone it
+    holds (meta: just `backbone`, for a student's `weights_backbone`)."""
     row = _pending(settings, Model, model_id)
     if row is None:
         return
-    from tid_core.models import load_student
+    from tid_core.models import identify_backbone, load_student, read_weights
 
+    path = Path(row.path)
     try:
-        _, meta = load_student(Path(row.path))
+        if read_weights(path)[1] is None:
+            meta: dict[str, Any] = {"backbone": identify_backbone(path)}
+        else:
+            meta = dataclasses.asdict(load_student(path)[1])
     except (OSError, ValueError) as exc:  # WeightsMismatchError is a ValueError
         _decide(settings, Model, model_id, state="failed", error=str(exc))
         return
-    _decide(settings, Model, model_id, state="ready", error=None, meta=dataclasses.asdict(meta))
+    _decide(settings, Model, model_id, state="ready", error=None, meta=meta)

@@ -209,7 +209,8 @@ class Dataset(Base):
 
 
 class Model(Base):
-    """Uploaded teacher weights, checked by a worker (weights_only) before they are `ready`."""
+    """Uploaded weights (a detector, or a bare backbone), checked by a worker (weights_only)
+    before they are `ready`."""
 
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)

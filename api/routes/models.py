@@ -1,4 +1,5 @@
-"""Models: uploaded teacher weights (`.pt` or `.safetensors`). Each starts `pending`; a worker
+"""Models: uploaded weights (`.pt` or `.safetensors`): a detector (a teacher) or a backbone (a
+student's `weights_backbone`, e.g. torchvision's ImageNet file). Each starts `pending`; a worker
 loads it with `weights_only=True` and records what it is (CHECK_MODEL) before it is `ready`.
 """
 

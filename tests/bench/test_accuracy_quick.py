@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from torchvision.models import resnet18
 
 from bench.accuracy import METHODS, job_spec
 from tid_core import recipes
@@ -62,7 +64,16 @@ QUICK_METHODS = ["none", "fitnet", "pkd", "tid", "tid-reg"]
 
 
 def test_accuracy_quick_prints_its_methods_and_writes_json(tmp_path: Path) -> None:
-    table, figures = run_quick(tmp_path, "--methods", ",".join(QUICK_METHODS))
+    imagenet = tmp_path / "resnet18.pth"  # stands in for torchvision's ImageNet file
+    torch.save(resnet18().state_dict(), imagenet)
+    backbones = ["--teacher-weights-backbone", str(imagenet)]
+    backbones += ["--student-weights-backbone", str(imagenet)]
+    table, figures = run_quick(tmp_path, "--methods", ",".join(QUICK_METHODS), *backbones)
+    # every run (the teacher, each student) started from that backbone
+    specs = [json.loads(f.read_text()) for f in (tmp_path / "work").rglob("spec.json")]
+    assert len(specs) == 1 + len(QUICK_METHODS)
+    for spec in specs:
+        assert spec["student"]["weights_backbone"] == {"path": str(imagenet)}
     methods = ["teacher", *QUICK_METHODS]
     assert row_names(table, len(methods)) == methods
     assert set(figures["methods"]) == set(methods)
@@ -72,7 +83,7 @@ def test_accuracy_quick_prints_its_methods_and_writes_json(tmp_path: Path) -> No
         assert row["grad_ratio"] > 0
 
     # --tune with --methods: those methods (and `none`) on the held-out split, tuning seed
-    table, figures = run_quick(tmp_path, "--tune", "--methods", "tid-key0.6")
+    table, figures = run_quick(tmp_path, "--tune", "--methods", "tid-key0.6", *backbones)
     assert "tuning grid" in table
     assert row_names(table, 2) == ["none", "tid-key0.6"]
     assert figures["tuning_seed"] == 0 and set(figures["methods"]) == {"none", "tid-key0.6"}

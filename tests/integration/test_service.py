@@ -42,6 +42,8 @@ def test_submit_train_distill_download(stack: Any, tmp_path: Path) -> None:
         tiny_spec(
             dataset_id,
             "student",
+            # the teacher's backbone also initialises the student's (both ResNet18)
+            student={"weights_backbone": {"job": teacher["id"]}},
             teacher=teacher_of(teacher["id"]),
             distill={"method": "tid", "distill_warmup_iters": 2},
         )

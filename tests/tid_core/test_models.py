@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import save_file
+from torchvision.models import mobilenet_v3_large, resnet18, resnet34
 
 from tid_core.distill.capture import Detector
 from tid_core.models import (
@@ -17,6 +18,8 @@ from tid_core.models import (
     DetectorMeta,
     WeightsMismatchError,
     build_detector,
+    identify_backbone,
+    load_backbone,
     load_checked,
     load_student,
     read_weights,
@@ -347,3 +350,73 @@ def test_load_checked_rejects_teacher_of_other_classes(tmp_path: Path) -> None:
         class_names=["circle", "square", "triangle"],  # type: ignore[arg-type]
     )
     assert not any(p.isnan().any() for p in same.parameters())
+
+
+# ---- backbone initialisation ---------------------------------------------------------------------
+
+
+def classifier_file(tmp_path: Path, net: torch.nn.Module, *, counters: bool = True) -> Path:
+    """A torchvision ImageNet classifier's file, as `torch.hub` saves it (random weights here)."""
+    state = {k: v for k, v in net.state_dict().items() if counters or "num_batches" not in k}
+    path = tmp_path / f"{type(net).__name__.lower()}.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "backbone", "counters"),
+    [(resnet18, "resnet18", False), (mobilenet_v3_large, "mobilenet_v3_large", True)],
+)
+def test_load_backbone_takes_a_classifiers_features_and_leaves_fpn_and_heads(
+    tmp_path: Path, make: type[torch.nn.Module], backbone: str, counters: bool
+) -> None:
+    torch.manual_seed(1)
+    net = make()
+    path = classifier_file(tmp_path, net, counters=counters)
+    model = small_detector(backbone=backbone)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    load_backbone(model, path, backbone=backbone)
+    after = model.state_dict()
+    body = {k for k in after if k.startswith("backbone.body.")}
+    source = net.state_dict()
+    prefix = "features." if backbone == "mobilenet_v3_large" else ""
+    for key in body - {k for k in body if k.endswith("num_batches_tracked")}:
+        assert torch.equal(after[key], source[prefix + key.removeprefix("backbone.body.")]), key
+    assert_same_state(
+        {k: v for k, v in after.items() if k not in body},
+        {k: v for k, v in before.items() if k not in body},
+    )
+    assert identify_backbone(path) == backbone
+
+
+def test_load_backbone_takes_a_detectors_backbone_of_another_arch_and_width(
+    tmp_path: Path,
+) -> None:
+    source = small_detector(arch="retinanet", fpn_channels=96)
+    path = tmp_path / "retina.safetensors"
+    save_weights(source, small_meta(arch="retinanet", fpn_channels=96), path)
+    model = small_detector(arch="fcos", num_classes=5)
+    load_backbone(model, path, backbone="mobilenet_v3_large")
+    assert_same_state(model.backbone.body.state_dict(), source.backbone.body.state_dict())
+
+
+def test_load_backbone_refuses_another_backbone_naming_what_differs(tmp_path: Path) -> None:
+    model = small_detector(backbone="resnet18")
+    deeper = classifier_file(tmp_path, resnet34())  # every resnet18 tensor, and more blocks
+    with pytest.raises(WeightsMismatchError, match=r"not hold a resnet18: .* layer1\.2\."):
+        load_backbone(model, deeper, backbone="resnet18")
+    other = classifier_file(tmp_path, mobilenet_v3_large())
+    with pytest.raises(WeightsMismatchError, match="100 of its 100 tensors are missing"):
+        load_backbone(model, other, backbone="resnet18")
+    detector = tmp_path / "mbv3.safetensors"
+    save_weights(small_detector(), small_meta(), detector)
+    with pytest.raises(WeightsMismatchError, match="from a mobilenet_v3_large detector"):
+        load_backbone(model, detector, backbone="resnet18")
+    state = resnet18().state_dict()
+    state["layer1.0.conv1.weight"] = torch.zeros(64, 64, 1, 1)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(WeightsMismatchError, match=r"layer1\.0\.conv1\.weight \(64, 64, 1, 1\)"):
+        load_backbone(model, tmp_path / "bad.pt", backbone="resnet18")
+    assert identify_backbone(deeper) == "resnet34"
+    with pytest.raises(WeightsMismatchError, match="neither tid detector weights nor"):
+        identify_backbone(tmp_path / "bad.pt")

@@ -131,6 +131,21 @@ def test_a_path_dataset_names_its_splits_and_specs_without_them_keep_their_hash(
     assert job.spec_hash() != plain.spec_hash()
 
 
+def test_a_student_may_name_backbone_weights_and_specs_without_them_keep_their_hash() -> None:
+    plain = JobSpec.model_validate(FULL)
+    assert "weights_backbone" not in plain.model_dump(mode="json")["student"]
+    spelled = spec(student__weights_backbone=None)
+    assert JobSpec.model_validate(spelled).spec_hash() == plain.spec_hash()
+
+    for weights in ({"path": "/w/resnet18.pth"}, {"job": "j1"}, {"model": "m1"}):
+        job = JobSpec.model_validate(spec(student__weights_backbone=weights))
+        assert job.model_dump(mode="json")["student"]["weights_backbone"] == weights
+        assert job.spec_hash() != plain.spec_hash()
+    message = rejection(spec(student__weights_backbone={"url": "https://x/r18.pth"}))
+    assert "student.weights_backbone" in message
+    assert "weights_backbone" in rejection(spec(teacher__weights_backbone={"path": "/w"}))
+
+
 @pytest.mark.parametrize("name", ["", "../val", "a/b", ".hidden", "train 2017", "x" * 65])
 def test_a_split_name_is_one_plain_path_component(name: str) -> None:
     message = rejection(spec(dataset={"path": "/data/coco", "train_split": name}))

@@ -20,10 +20,13 @@ import torch
 from coco_folders import COCO_2017, with_split_names
 from safetensors.torch import load_file
 
+from tid_core.data.coco import CocoDetection
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 from tid_core.models import DetectorMeta, build_detector, load_student, save_weights
 from tid_core.rundir import lock_run_dir
+from tid_core.spec import JobSpec
+from tid_core.train import build_models
 
 pytestmark = pytest.mark.slow
 NUM_CLASSES = 5
@@ -280,6 +283,27 @@ def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: P
     error = read_events(run_dir / "events.jsonl")[-1]
     assert error["type"] == "error" and error["kind"] == "WeightsMismatchError"
     assert "num_classes=3" in error["message"] and "num_classes=5" in error["message"]
+
+
+def test_a_student_starts_from_its_backbone_weights(tmp_path: Path, dataset: Path) -> None:
+    teacher = make_teacher(tmp_path / "teacher.safetensors")  # fcos/resnet18, FPN 128
+    spec = json.loads(write_spec(tmp_path, dataset).read_text())
+    spec["student"]["weights_backbone"] = {"path": str(teacher)}
+    job = JobSpec.model_validate(spec)
+    student = build_models(job, CocoDetection(dataset, "train", train=True), 64).student
+    source, _ = load_student(teacher)
+    assert student.backbone.body.state_dict().keys() == source.backbone.body.state_dict().keys()
+    for key, value in source.backbone.body.state_dict().items():
+        assert torch.equal(student.backbone.body.state_dict()[key], value), key
+    assert student.head.classification_head.cls_logits.weight.shape[0] == NUM_CLASSES
+
+    spec["student"] |= {"backbone": "resnet34", "weights_backbone": {"path": str(teacher)}}
+    run_dir = tmp_path / "run"
+    (tmp_path / "resnet34.json").write_text(json.dumps(spec))
+    assert run_train(tmp_path / "resnet34.json", run_dir).returncode == 1
+    error = read_events(run_dir / "events.jsonl")[-1]
+    assert error["type"] == "error" and error["kind"] == "WeightsMismatchError"
+    assert "from a resnet18 detector but the spec declares resnet34" in error["message"]
 
 
 def start_train(spec: Path, run_dir: Path) -> subprocess.Popen[str]:

@@ -79,6 +79,18 @@ def test_teacher_model_becomes_its_file(settings: Settings, make_job: MakeJob) -
     assert weights == {"path": "/data/models/t.safetensors"}
 
 
+def test_student_weights_backbone_ids_become_paths(settings: Settings, make_job: MakeJob) -> None:
+    source = make_job(state="succeeded")
+    model_id = add(settings, model_row(meta={"backbone": "resnet18"}))
+    for weights, path in (
+        ({"job": source}, str(settings.jobs_dir / source / "student.safetensors")),
+        ({"model": model_id}, "/data/models/t.safetensors"),
+        ({"path": "/w/resnet18.pth"}, "/w/resnet18.pth"),
+    ):
+        job_id = make_job(spec=tiny_spec(student={**TEACHER, "weights_backbone": weights}))
+        assert resolve(settings, job_id)["student"]["weights_backbone"] == {"path": path}
+
+
 def test_builtin_and_path_forms_are_unchanged(settings: Settings, make_job: MakeJob) -> None:
     spec = with_teacher({"path": "/w/t.pt"})
     job_id = make_job(spec=spec)

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 import torch
 from coco_folders import COCO_2017, with_split_names
+from torchvision.models import resnet34
 
 from api.db.models import Dataset, Model
 from api.db.session import session_scope
@@ -156,16 +157,23 @@ def test_check_model_reads_metadata(settings: Settings, tmp_path: Path) -> None:
     assert row.meta["class_names"] == ["a", "b", "c"]
 
 
-def test_check_model_without_metadata_fails(settings: Settings, tmp_path: Path) -> None:
-    path = tmp_path / "plain.pt"
-    torch.save({"weight": torch.zeros(2)}, path)
-    model_id = add_model(settings, path)
+def test_check_model_without_metadata_is_a_backbone_or_fails(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """A torchvision classifier's file is a backbone for `student.weights_backbone`."""
+    torch.save(resnet34().state_dict(), tmp_path / "resnet34.pth")
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    backbone = add_model(settings, tmp_path / "resnet34.pth")
+    plain = add_model(settings, tmp_path / "plain.pt")
 
-    check_model(model_id, settings=settings)
+    check_model(backbone, settings=settings)
+    check_model(plain, settings=settings)
 
-    row = read(settings, Model, model_id)
+    row = read(settings, Model, backbone)
+    assert (row.state, row.meta) == ("ready", {"backbone": "resnet34"})
+    row = read(settings, Model, plain)
     assert row.state == "failed"
-    assert "no tid metadata" in row.error
+    assert "neither tid detector weights nor the weights of a backbone" in row.error
 
 
 class _Exploit:

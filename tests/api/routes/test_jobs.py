@@ -29,14 +29,23 @@ SPEC: dict[str, Any] = {
     "schedule": {"epochs": 1},
 }
 TEACHER = {"arch": "fcos", "backbone": "resnet50"}
+# what a worker records for an uploaded detector (DetectorMeta) and for a bare backbone
+TEACHER_META = {**TEACHER, "fpn_channels": 128, "num_classes": 3, "input_size": 128}
 
 
 def job_count(db: Session) -> int:
     return db.scalar(select(func.count()).select_from(Job)) or 0
 
 
+TEACHER_SPEC = {**SPEC, "student": TEACHER}  # the job that trained the teacher
+
+
 def with_teacher(weights: dict[str, str]) -> dict[str, Any]:
     return {**SPEC, "teacher": {**TEACHER, "weights": weights}, "distill": {"method": "tid"}}
+
+
+def with_backbone(weights: dict[str, str]) -> dict[str, Any]:
+    return {**SPEC, "student": {**SPEC["student"], "weights_backbone": weights}}
 
 
 def test_submit_job_is_202_with_location_and_queued_row(
@@ -269,9 +278,9 @@ def test_another_owners_job_is_404_everywhere(
 def test_teacher_job_must_be_the_callers_and_succeeded(
     client: TestClient, owner_headers: dict[str, str], db: Session
 ) -> None:
-    running = make_job(db, owner="alice", state="running")
-    foreign = make_job(db, owner="bob", state="succeeded")
-    done = make_job(db, owner="alice", state="succeeded")
+    running = make_job(db, owner="alice", state="running", spec=TEACHER_SPEC)
+    foreign = make_job(db, owner="bob", state="succeeded", spec=TEACHER_SPEC)
+    done = make_job(db, owner="alice", state="succeeded", spec=TEACHER_SPEC)
     response = client.post(
         "/v1/jobs", json=with_teacher({"job": running.id}), headers=owner_headers
     )
@@ -290,7 +299,7 @@ def test_teacher_model_must_be_ready(
     client: TestClient, owner_headers: dict[str, str], db: Session
 ) -> None:
     pending = make_model(db, owner="alice", state="pending")
-    ready = make_model(db, owner="alice", state="ready")
+    ready = make_model(db, owner="alice", state="ready", meta=TEACHER_META)
     response = client.post(
         "/v1/jobs", json=with_teacher({"model": pending.id}), headers=owner_headers
     )
@@ -299,6 +308,44 @@ def test_teacher_model_must_be_ready(
         "/v1/jobs", json=with_teacher({"model": ready.id}), headers=owner_headers
     )
     assert response.status_code == 202, response.text
+
+
+def test_teacher_weights_must_hold_the_declared_detector(
+    client: TestClient, owner_headers: dict[str, str], db: Session
+) -> None:
+    narrow = make_job(db, owner="alice", spec={**SPEC, "student": {**TEACHER, "fpn_channels": 64}})
+    response = client.post("/v1/jobs", json=with_teacher({"job": narrow.id}), headers=owner_headers)
+    body = assert_problem(response, 422, f"job {narrow.id} has fpn_channels=64", "128")
+    assert body["errors"][0]["loc"] == ["body", "teacher", "weights", "job"]
+    bare = make_model(db, owner="alice", meta={"backbone": "resnet50"})
+    response = client.post("/v1/jobs", json=with_teacher({"model": bare.id}), headers=owner_headers)
+    assert_problem(response, 422, "resnet50 backbone, not a detector", "weights_backbone")
+    assert job_count(db) == 1  # the teacher job only
+
+
+def test_student_weights_backbone_from_a_job_or_model_of_that_backbone(
+    client: TestClient, owner_headers: dict[str, str], db: Session
+) -> None:
+    """Any detector or bare backbone of the student's backbone; arch and width may differ."""
+    retina = make_job(db, owner="alice", spec={**SPEC, "student": {"arch": "retinanet"}})
+    bare = make_model(db, owner="alice", meta={"backbone": "resnet18"})
+    for weights in ({"job": retina.id}, {"model": bare.id}):
+        response = client.post("/v1/jobs", json=with_backbone(weights), headers=owner_headers)
+        assert response.status_code == 202, response.text
+        assert response.json()["spec"]["student"]["weights_backbone"] == weights
+
+    r50 = make_job(db, owner="alice", spec=TEACHER_SPEC)
+    response = client.post("/v1/jobs", json=with_backbone({"job": r50.id}), headers=owner_headers)
+    body = assert_problem(response, 422, "backbone='resnet50'", "student declares")
+    assert body["errors"][0]["loc"] == ["body", "student", "weights_backbone", "job"]
+    pending = make_model(db, owner="alice", state="pending")
+    response = client.post(
+        "/v1/jobs", json=with_backbone({"model": pending.id}), headers=owner_headers
+    )
+    assert_problem(response, 422, f"model {pending.id} is pending")
+    response = client.post("/v1/jobs", json=with_backbone({"path": "/x.pt"}), headers=owner_headers)
+    body = assert_problem(response, 422, "student.weights_backbone by server path", "/v1/models")
+    assert body["errors"][0]["loc"] == ["body", "student", "weights_backbone", "path"]
 
 
 def test_teacher_weights_by_path_are_422(
