@@ -27,6 +27,7 @@ from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 from tid_core.spec import ARCHS
 
@@ -39,6 +40,9 @@ class _BackboneDef:
     build: Callable[[], nn.Module]
     return_layers: dict[str, str]  # module name -> FPN input name, strides 8, 16, 32
     in_channels: list[int]
+    # the stages that keep training on a pretrained backbone: torchvision's detectors' default
+    # (trainable_backbone_layers=3): the stem and the earliest stages stay as pretrained
+    trainable: tuple[str, ...]
 
 
 def _resnet(fn: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
@@ -52,12 +56,17 @@ def _mobilenet() -> nn.Module:
 
 
 _RESNET_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
+_RESNET_TRAINABLE = ("layer2", "layer3", "layer4")
+# torchvision's rule: the last 3 of the stages that start at features 0, 2, 4, 7, 13 and 16
+_MOBILENET_TRAINABLE = tuple(str(i) for i in range(7, 17))
 BACKBONES: dict[str, _BackboneDef] = {
-    "resnet18": _BackboneDef(_resnet(resnet18), _RESNET_LAYERS, [128, 256, 512]),
-    "resnet34": _BackboneDef(_resnet(resnet34), _RESNET_LAYERS, [128, 256, 512]),
-    "resnet50": _BackboneDef(_resnet(resnet50), _RESNET_LAYERS, [512, 1024, 2048]),
+    "resnet18": _BackboneDef(_resnet(resnet18), _RESNET_LAYERS, [128, 256, 512], _RESNET_TRAINABLE),
+    "resnet34": _BackboneDef(_resnet(resnet34), _RESNET_LAYERS, [128, 256, 512], _RESNET_TRAINABLE),
+    "resnet50": _BackboneDef(
+        _resnet(resnet50), _RESNET_LAYERS, [512, 1024, 2048], _RESNET_TRAINABLE
+    ),
     "mobilenet_v3_large": _BackboneDef(
-        _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960]
+        _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960], _MOBILENET_TRAINABLE
     ),
 }
 
@@ -228,9 +237,12 @@ def load_checked(
 
 
 def _load_strict(model: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    """All keys and shapes must match: a partial load would silently train on noise."""
+    """All keys and shapes must match: a partial load would silently train on noise. A missing
+    BatchNorm `num_batches_tracked` (a backbone trained frozen has none) is a step counter, not
+    a weight: the model's own stands in."""
+    counters = {k: v for k, v in model.state_dict().items() if k.endswith("num_batches_tracked")}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict({**counters, **state}, strict=True)
     except RuntimeError as exc:
         raise WeightsMismatchError(f"weights {path.name} do not fit {what}: {exc}") from exc
 
@@ -250,6 +262,7 @@ def _body_tensors(
     BatchNorm's `num_batches_tracked` may be missing (older torchvision files): it counts
     steps, it is not a weight.
     """
+    counters = {k for k in state if k.endswith("num_batches_tracked")}
     needed = [k for k in own if not k.endswith("num_batches_tracked")]
     prefix = max(_BODY_PREFIXES, key=lambda p: sum(p + k in state for k in needed))
     missing = [k for k in needed if prefix + k not in state]
@@ -260,7 +273,7 @@ def _body_tensors(
         )
     # a deeper network of the family (ResNet34's layer1.2 for a ResNet18) is not this backbone
     modules = {k.split(".")[0] for k in own}
-    inside = [k.removeprefix(prefix) for k in state if k.startswith(prefix)]
+    inside = [k.removeprefix(prefix) for k in state if k.startswith(prefix) and k not in counters]
     extra = [k for k in inside if k not in own and k.split(".")[0] in modules]
     if extra:
         raise WeightsMismatchError(
@@ -280,7 +293,8 @@ def _body_tensors(
 def load_backbone(model: FCOS | RetinaNet, path: Path, *, backbone: str) -> None:
     """Initialise `model`'s backbone from `path` (a torchvision classifier's state dict or a
     detector of the same backbone): all of its weights, or a WeightsMismatchError. Pretraining
-    transfers features, not the task: the FPN and heads keep their initialisation."""
+    transfers features, not the task: the FPN and heads keep their initialisation. The backbone
+    then trains as a pretrained one does (`_freeze_pretrained`)."""
     state, meta = read_weights(path)
     if meta is not None and meta.backbone != backbone:
         raise WeightsMismatchError(
@@ -290,6 +304,23 @@ def load_backbone(model: FCOS | RetinaNet, path: Path, *, backbone: str) -> None
     body = model.backbone.body
     what = f"backbone weights {path.name} do not hold a {backbone}"
     body.load_state_dict(_body_tensors(state, body.state_dict(), what=what), strict=True)
+    _freeze_pretrained(body, BACKBONES[backbone].trainable)
+
+
+def _freeze_pretrained(body: nn.Module, trainable: tuple[str, ...]) -> None:
+    """Train a pretrained backbone as torchvision's detectors do: FrozenBatchNorm2d (a
+    detector's few images per GPU would wreck the pretrained statistics) and only the stages
+    in `trainable` updated."""
+    for module in list(body.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, nn.BatchNorm2d):
+                frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+                for key in ("weight", "bias", "running_mean", "running_var"):
+                    getattr(frozen, key).copy_(getattr(child, key).detach())
+                setattr(module, name, frozen)
+    for name, param in body.named_parameters():
+        if name.split(".")[0] not in trainable:
+            param.requires_grad_(False)
 
 
 def identify_backbone(path: Path) -> str:

@@ -86,7 +86,8 @@ def _omitted_at_default(default: Any) -> Any:
 class StudentSpec(ModelSpec):
     """The detector a job trains. `weights_backbone` (torchvision's name) initialises its
     backbone from a file: a torchvision ImageNet classifier's state dict, or any detector of the
-    same backbone (a finished job, an uploaded model); the FPN and heads start random."""
+    same backbone (a finished job, an uploaded model); the FPN and heads start random, and the
+    backbone trains as torchvision trains a pretrained one (frozen BatchNorm and stem)."""
 
     weights_backbone: Weights | None = _omitted_at_default(None)
 

@@ -377,16 +377,26 @@ def test_load_backbone_takes_a_classifiers_features_and_leaves_fpn_and_heads(
     before = {k: v.clone() for k, v in model.state_dict().items()}
     load_backbone(model, path, backbone=backbone)
     after = model.state_dict()
-    body = {k for k in after if k.startswith("backbone.body.")}
     source = net.state_dict()
     prefix = "features." if backbone == "mobilenet_v3_large" else ""
-    for key in body - {k for k in body if k.endswith("num_batches_tracked")}:
+    body = [k for k in after if k.startswith("backbone.body.")]
+    used = {prefix + k.removeprefix("backbone.body.") for k in body}
+    unused = {k for k in source if "num_batches" not in k} - used
+    assert unused and all(k.startswith(("fc.", "classifier.")) for k in unused)
+    for key in body:
         assert torch.equal(after[key], source[prefix + key.removeprefix("backbone.body.")]), key
     assert_same_state(
-        {k: v for k, v in after.items() if k not in body},
-        {k: v for k, v in before.items() if k not in body},
+        {k: v for k, v in after.items() if not k.startswith("backbone.body.")},
+        {k: v for k, v in before.items() if not k.startswith("backbone.body.")},
     )
     assert identify_backbone(path) == backbone
+
+    # trained as torchvision trains a pretrained backbone: frozen BatchNorm, the stem frozen
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
+    trains = {n.split(".")[0]: p.requires_grad for n, p in model.backbone.body.named_parameters()}
+    stem, last = ("conv1", "layer4") if backbone == "resnet18" else ("0", "16")
+    assert (trains[stem], trains[last]) == (False, True)
+    assert all(p.requires_grad for p in model.backbone.fpn.parameters())
 
 
 def test_load_backbone_takes_a_detectors_backbone_of_another_arch_and_width(
@@ -397,7 +407,23 @@ def test_load_backbone_takes_a_detectors_backbone_of_another_arch_and_width(
     save_weights(source, small_meta(arch="retinanet", fpn_channels=96), path)
     model = small_detector(arch="fcos", num_classes=5)
     load_backbone(model, path, backbone="mobilenet_v3_large")
-    assert_same_state(model.backbone.body.state_dict(), source.backbone.body.state_dict())
+    loaded = model.backbone.body.state_dict()
+    assert_same_state(
+        loaded, {k: v for k, v in source.backbone.body.state_dict().items() if k in loaded}
+    )
+
+    # what it then exports (frozen BatchNorm: no step counters) loads as a plain detector, and
+    # computes the same; a backbone trained frozen initialises another student the same way
+    exported = tmp_path / "student.safetensors"
+    save_weights(model, small_meta(num_classes=5), exported)
+    plain, _ = load_student(exported)
+    images = [torch.rand(3, 64, 64)]
+    model.eval()
+    with torch.no_grad():
+        assert torch.allclose(plain(images)[0]["scores"], model(images)[0]["scores"])
+    again = small_detector()
+    load_backbone(again, exported, backbone="mobilenet_v3_large")
+    assert_same_state(again.backbone.body.state_dict(), loaded)
 
 
 def test_load_backbone_refuses_another_backbone_naming_what_differs(tmp_path: Path) -> None:

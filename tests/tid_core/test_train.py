@@ -175,6 +175,8 @@ def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
     spec = write_spec(
         tmp_path,
         dataset,
+        # a pretrained backbone (the teacher's): frozen stem and BatchNorm under DDP
+        student={"weights_backbone": {"path": str(teacher)}},
         teacher=teacher_block(teacher),
         distill={"method": "tid", "distill_warmup_iters": 2},
     )
@@ -193,6 +195,12 @@ def test_torchrun_two_processes_distills(tmp_path: Path, dataset: Path) -> None:
     assert events[-1]["type"] == "end"
     for name in ("student.pt", "student.safetensors", "metrics.json"):
         assert (run_dir / name).exists()
+    student, source = load_file(run_dir / "student.safetensors"), load_file(teacher)
+    for frozen in ("conv1.weight", "layer1.0.bn1.running_mean", "layer4.0.bn1.running_var"):
+        key = f"backbone.body.{frozen}"
+        assert torch.equal(student[key], source[key]), key
+    trained = "backbone.body.layer4.0.conv1.weight"
+    assert not torch.equal(student[trained], source[trained])
 
 
 def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
@@ -202,9 +210,12 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
     # RNG a resumed run cannot restore (so the flips must come from the samples' own seeds), and
     # the SIGTERM goes to the trainer's whole process group, as a cancel or a deploy sends it
     # (so the worker must not be in that group, or its death kills the trainer uncheckpointed)
+    # (a pretrained backbone too: what resumes is the model with frozen parts)
+    backbone = make_teacher(tmp_path / "backbone.safetensors")
     spec = write_spec(
         tmp_path,
         dataset,
+        student={"weights_backbone": {"path": str(backbone)}},
         schedule={"batch_size": 1, "eval_every": 0},
         resources={"num_workers": 1},
     )
@@ -292,9 +303,10 @@ def test_a_student_starts_from_its_backbone_weights(tmp_path: Path, dataset: Pat
     job = JobSpec.model_validate(spec)
     student = build_models(job, CocoDetection(dataset, "train", train=True), 64).student
     source, _ = load_student(teacher)
-    assert student.backbone.body.state_dict().keys() == source.backbone.body.state_dict().keys()
-    for key, value in source.backbone.body.state_dict().items():
-        assert torch.equal(student.backbone.body.state_dict()[key], value), key
+    loaded, expected = student.backbone.body.state_dict(), source.backbone.body.state_dict()
+    assert loaded.keys() == {k for k in expected if not k.endswith("num_batches_tracked")}
+    for key, value in loaded.items():
+        assert torch.equal(value, expected[key]), key
     assert student.head.classification_head.cls_logits.weight.shape[0] == NUM_CLASSES
 
     spec["student"] |= {"backbone": "resnet34", "weights_backbone": {"path": str(teacher)}}
