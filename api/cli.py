@@ -16,6 +16,7 @@ import typer
 
 from api.client import ApiError, Client
 from api.settings import get_settings
+from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)
 db_app = typer.Typer(no_args_is_help=True, help="Database schema (Alembic).")
@@ -140,6 +141,53 @@ def submit(
             _follow(client, job["id"])
     except (ApiError, OSError, ValueError) as exc:
         _fail(exc)
+
+
+def _upload(file: Path, form: dict[str, str], *, wait: bool, post: str, fetch: str) -> None:
+    """Upload; print the new id, and with `wait` the worker's verdict (exit 1 if failed)."""
+    client = _client()
+    try:
+        row = client.upload(post, file, form)
+        typer.echo(row["id"])
+        if wait:
+            path = f"{fetch}/{row['id']}"
+            row = client.wait(
+                lambda: client.request("GET", path), done=lambda r: r["state"] != "pending"
+            )
+            typer.echo(json.dumps(row, indent=2), err=True)
+            if row["state"] != "ready":
+                _fail(RuntimeError(f"{row['state']}: {row.get('error')}"))
+    except (ApiError, OSError, TimeoutError) as exc:
+        _fail(exc)
+
+
+Wait = Annotated[bool, typer.Option(help="wait for a worker's check; exit 1 if it fails")]
+Upload = Annotated[Path, typer.Argument(exists=True, dir_okay=False)]
+
+
+@app.command("upload-model")
+def upload_model(
+    file: Upload,
+    name: Annotated[str, typer.Option(help="a name to list it by")],
+    wait: Wait = False,
+) -> None:
+    """Upload weights (.pt / .safetensors): a detector to use as a teacher, or a backbone
+    (torchvision's ImageNet file) for a student's weights_backbone; prints the model id."""
+    _upload(file, {"name": name}, wait=wait, post="/v1/models", fetch="/v1/models")
+
+
+@app.command("upload-dataset")
+def upload_dataset(
+    file: Upload,
+    name: Annotated[str, typer.Option(help="a name to list it by")],
+    train_split: Annotated[str, typer.Option(help="e.g. train2017")] = TRAIN_SPLIT,
+    val_split: Annotated[str, typer.Option(help="e.g. val2017")] = VAL_SPLIT,
+    wait: Wait = False,
+) -> None:
+    """Upload a .zip of a COCO folder (annotations/instances_<split>.json, <split>/ images);
+    prints the dataset id."""
+    form = {"name": name, "train_split": train_split, "val_split": val_split}
+    _upload(file, form, wait=wait, post="/v1/datasets/upload", fetch="/v1/datasets")
 
 
 @app.command()

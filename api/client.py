@@ -99,6 +99,12 @@ class Client:
     def dataset(self, dataset_id: str) -> Any:
         return self.request("GET", f"/v1/datasets/{dataset_id}")
 
+    def upload(self, path: str, file: Path, form: dict[str, str]) -> Any:
+        """POST `file` as multipart to `path` (/v1/models, /v1/datasets/upload) with `form`."""
+        with file.open("rb") as f:
+            files = {"file": (file.name, f, "application/octet-stream")}
+            return self.request("POST", path, data=form, files=files)
+
     def wait(
         self,
         fetch: Callable[[], Any],

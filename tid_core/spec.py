@@ -49,7 +49,7 @@ class _Strict(BaseModel):
 
 
 class PathWeights(_Strict):
-    """Weights in a file the trainer can read (`.pt` or `.safetensors`)."""
+    """Weights in a file the trainer can read (`.safetensors`; `.pt`, `.pth`: weights_only)."""
 
     path: PathStr
 

@@ -1,6 +1,7 @@
-"""Models: uploaded weights (`.pt` or `.safetensors`): a detector (a teacher) or a backbone (a
-student's `weights_backbone`, e.g. torchvision's ImageNet file). Each starts `pending`; a worker
-loads it with `weights_only=True` and records what it is (CHECK_MODEL) before it is `ready`.
+"""Models: uploaded weights (`.pt`, `.pth` or `.safetensors`): a detector (a teacher) or a
+backbone (a student's `weights_backbone`, e.g. torchvision's ImageNet file). Each starts
+`pending`; a worker loads it with `weights_only=True` and records what it is (CHECK_MODEL)
+before it is `ready`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from tid_core.spec import Name
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(401, 422))
 
-WEIGHT_SUFFIXES = (".pt", ".safetensors")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")  # .pth: how torchvision names its files
 
 
 @router.post("", status_code=202, responses=responses(400, 413))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -11,8 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from coco_folders import COCO_2017, with_split_names
 from service_jobs import make_dataset, teacher_of, tiny_spec
+from torchvision.models import resnet18
 
+from tid_core.data.synthetic import generate_shapes
 from tid_core.models import load_student
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
@@ -143,3 +148,33 @@ def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
     assert hashlib.sha256(out.read_bytes()).hexdigest() in downloaded.stdout
     bad = tid("status", "0" * 32)
     assert bad.returncode == 1 and "404" in bad.stderr
+
+    # uploads: the student just downloaded (a detector), an ImageNet-style backbone file, a
+    # COCO 2017-style zip; --wait reports each worker's verdict
+    uploaded = tid("upload-model", str(out), "--name", "mine", "--wait")
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert json.loads(uploaded.stderr)["meta"]["arch"] == "fcos"
+    torch.save(resnet18().state_dict(), tmp_path / "resnet18-f37072fd.pth")
+    uploaded = tid("upload-model", str(tmp_path / "resnet18-f37072fd.pth"), "--name", "r18")
+    assert uploaded.returncode == 0, uploaded.stderr
+    model = stack.client.wait(
+        lambda: stack.client.request("GET", f"/v1/models/{uploaded.stdout.strip()}"),
+        done=lambda m: m["state"] != "pending",
+        timeout=120,
+    )
+    assert (model["state"], model["meta"]) == ("ready", {"backbone": "resnet18"})
+    refused = tid("upload-model", str(spec), "--name", "x")
+    assert refused.returncode == 1 and "or .safetensors file, got 'spec.json'" in refused.stderr
+
+    coco = with_split_names(
+        generate_shapes(tmp_path / "shapes", num_train=4, num_val=2, image_size=64, seed=1),
+        tmp_path / "coco",
+        COCO_2017,
+    )
+    archive = shutil.make_archive(str(tmp_path / "coco"), "zip", coco)
+    splits = ["--train-split", "train2017", "--val-split", "val2017"]
+    uploaded = tid("upload-dataset", archive, "--name", "coco", *splits, "--wait")
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert json.loads(uploaded.stderr)["num_train"] == 4
+    unsplit = tid("upload-dataset", archive, "--name", "coco", "--wait")
+    assert unsplit.returncode == 1 and "instances_train.json" in unsplit.stderr
