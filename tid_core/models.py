@@ -258,9 +258,8 @@ def _body_tensors(
     """`own` (a backbone body's state dict) filled from `state`, or a WeightsMismatchError.
 
     Keys beyond the body (a classifier's `fc`, a detector's FPN and heads) are not used; keys
-    inside it must all be the body's.
-    BatchNorm's `num_batches_tracked` may be missing (older torchvision files): it counts
-    steps, it is not a weight.
+    inside it must all be the body's. BatchNorm's `num_batches_tracked` may be missing (older
+    torchvision files, backbones trained frozen): it counts steps, it is not a weight.
     """
     counters = {k for k in state if k.endswith("num_batches_tracked")}
     needed = [k for k in own if not k.endswith("num_batches_tracked")]
