@@ -171,7 +171,7 @@ def upload_model(
     name: Annotated[str, typer.Option(help="a name to list it by")],
     wait: Wait = False,
 ) -> None:
-    """Upload weights (.pt / .safetensors): a detector to use as a teacher, or a backbone
+    """Upload weights (.pt, .pth, .safetensors): a detector to use as a teacher, or a backbone
     (torchvision's ImageNet file) for a student's weights_backbone; prints the model id."""
     _upload(file, {"name": name}, wait=wait, post="/v1/models", fetch="/v1/models")
 
