@@ -3,8 +3,9 @@
 An attempt is one process tree: torchrun, its workers (which torchrun starts in sessions of
 their own) and their data loader workers (in process groups of their own), or a worker orphaned
 by a dead torchrun. The topmost trainer process of each tree is that attempt's root, so the
-distinct roots are the attempts running at that moment. A sampler thread records the largest
-number it ever saw.
+distinct roots are the attempts running at that moment (a loader worker whose trainer just died
+is a root too, until its parent-death signal lands: not an attempt). A sampler thread records
+the largest number it ever saw.
 """
 
 from __future__ import annotations
@@ -23,13 +24,26 @@ def _cmdline(pid: int) -> list[str]:
     return []
 
 
-def _parent(pid: int) -> int | None:
-    """The parent pid of a live process (None for a zombie or a gone one)."""
+def _stat(pid: int) -> tuple[int, int, int] | None:
+    """Parent pid, process group and session of a live process (None: a zombie, or gone)."""
     with suppress(OSError, IndexError, ValueError):
         stat = Path(f"/proc/{pid}/stat").read_text()
         fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
-        return None if fields[0] == "Z" else int(fields[1])
+        return None if fields[0] == "Z" else (int(fields[1]), int(fields[2]), int(fields[3]))
     return None
+
+
+def _parent(pid: int) -> int | None:
+    """The parent pid of a live process (None for a zombie or a gone one)."""
+    stat = _stat(pid)
+    return None if stat is None else stat[0]
+
+
+def _loader_worker(pid: int) -> bool:
+    """A data loader worker: it leads a process group of its own inside its trainer's session
+    (`tid_core.data.coco`), where torchrun and its workers each lead a session."""
+    stat = _stat(pid)
+    return stat is not None and stat[1] == pid != stat[2]
 
 
 def trainer_processes(run_dir: Path) -> dict[int, int]:
@@ -89,7 +103,10 @@ class AttemptWatch:
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
             for run_dir in list(self.run_dirs):
-                attempts = set(trainer_processes(run_dir).values())
+                # a loader worker is its own root only for the moment between its trainer's
+                # death and its own (the parent-death signal): a dying attempt, not a new one
+                roots = set(trainer_processes(run_dir).values())
+                attempts = {root for root in roots if not _loader_worker(root)}
                 self.most[run_dir] = max(self.most[run_dir], len(attempts))
 
     def close(self) -> None:
