@@ -8,6 +8,7 @@ reference and where it is in the body.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -20,7 +21,6 @@ from tid_core.spec import (
     IdDataset,
     JobSpec,
     JobWeights,
-    ModelSpec,
     ModelWeights,
     PathDataset,
     Weights,
@@ -47,14 +47,17 @@ def _require(
 
 
 def _check_weights(
-    session: Session, weights: Weights, *, owner: str, model: ModelSpec, field: str
+    session: Session,
+    weights: Weights,
+    *,
+    owner: str,
+    field: tuple[str, str],
+    declared: dict[str, Any],
 ) -> None:
-    """The weights exist, are ready, and hold what `model` declares: the whole detector for
-    `teacher.weights`, its backbone for `student.weights_backbone` (a mismatch would otherwise
-    fail the job only once a worker loads the file)."""
-    part, name = field.split(".")
-    loc: tuple[str, ...] = ("body", part, name)
-    keys = ("arch", "backbone", "fpn_channels") if name == "weights" else ("backbone",)
+    """The weights at `field` exist, are ready, and hold what the spec `declared` of them (a
+    whole detector for a teacher, a backbone for a student's init): a mismatch would otherwise
+    fail the job only once a worker loads the file."""
+    loc: tuple[str, ...] = ("body", *field)
     if isinstance(weights, JobWeights):
         loc = (*loc, "job")
         job = _require(session, Job, weights.job, owner=owner, state="succeeded", loc=loc)
@@ -63,7 +66,7 @@ def _check_weights(
         loc = (*loc, "model")
         row = _require(session, Model, weights.model, owner=owner, state="ready", loc=loc)
         source, held = f"model {row.id}", row.meta or {}
-        if name == "weights" and "arch" not in held:
+        if "arch" in declared and "arch" not in held:
             raise Unprocessable(
                 f"{source} holds a {held.get('backbone')} backbone, not a detector: use it as "
                 "student.weights_backbone; a teacher needs detector weights",
@@ -71,15 +74,14 @@ def _check_weights(
             )
     else:
         raise Unprocessable(
-            f'{field} by server path is not accepted through the API: use {{"job": id}} of a '
-            'finished job, or upload the file (POST /v1/models) and use {"model": id}',
+            f'{".".join(field)} by server path is not accepted through the API: use {{"job": '
+            'id} of a finished job, or upload the file (POST /v1/models) and use {"model": id}',
             loc=(*loc, "path"),
         )
-    for key in keys:
-        want = getattr(model, key)
+    for key, want in declared.items():
         if held.get(key) != want:
             raise Unprocessable(
-                f"{source} has {key}={held.get(key)!r} but {part} declares {key}={want!r}",
+                f"{source} has {key}={held.get(key)!r} but {field[0]} declares {key}={want!r}",
                 loc=loc,
             )
 
@@ -94,13 +96,14 @@ def checked_spec(session: Session, settings: Settings, spec: JobSpec, *, owner: 
         loc = ("body", "dataset", "path")
         real = resolve_under_roots(dataset.path, settings.dataset_roots, loc=loc)
         spec = spec.model_copy(update={"dataset": dataset.model_copy(update={"path": str(real)})})
-    if spec.student.weights_backbone is not None:
-        weights = spec.student.weights_backbone
+    student, teacher = spec.student, spec.teacher
+    if student.weights_backbone is not None:
+        field, declared = ("student", "weights_backbone"), {"backbone": student.backbone}
         _check_weights(
-            session, weights, owner=owner, model=spec.student, field="student.weights_backbone"
+            session, student.weights_backbone, owner=owner, field=field, declared=declared
         )
-    if spec.teacher is not None:
-        _check_weights(
-            session, spec.teacher.weights, owner=owner, model=spec.teacher, field="teacher.weights"
-        )
+    if teacher is not None:
+        declared = teacher.model_dump(include={"arch", "backbone", "fpn_channels"})
+        field = ("teacher", "weights")
+        _check_weights(session, teacher.weights, owner=owner, field=field, declared=declared)
     return spec

@@ -17,6 +17,7 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -322,20 +323,32 @@ def _freeze_pretrained(body: nn.Module, trainable: tuple[str, ...]) -> None:
             param.requires_grad_(False)
 
 
-def identify_backbone(path: Path) -> str:
-    """The backbone whose weights `path` holds (what `load_backbone` accepts), or a
-    WeightsMismatchError: how an upload without tid metadata is recognised."""
-    state, _ = read_weights(path)
+def describe_weights(path: Path) -> dict[str, Any]:
+    """What a weights file holds, once it loads: a detector's metadata (loaded strictly into
+    the detector it declares), or, without tid metadata, `{"backbone": name}` for the backbone
+    whose weights it holds (what `load_backbone` accepts). Else a WeightsMismatchError."""
+    state, meta = read_weights(path)
+    if meta is not None:
+        _from_meta(state, meta, path)
+        return asdict(meta)
     for name in BACKBONES:
         try:
             _body_tensors(state, _fpn_backbone(name, 64).body.state_dict(), what=name)
         except WeightsMismatchError:
             continue
-        return name
+        return {"backbone": name}
     raise WeightsMismatchError(
         f"{path.name} holds neither tid detector weights nor the weights of a backbone "
         f"({', '.join(BACKBONES)})"
     )
+
+
+def _from_meta(state: dict[str, torch.Tensor], meta: DetectorMeta, path: Path) -> FCOS | RetinaNet:
+    """The detector `meta` describes, holding `state` (strictly)."""
+    model = build_from_meta(meta)
+    what = f"{meta.arch}/{meta.backbone} with {meta.num_classes} classes (its own metadata)"
+    _load_strict(model, state, path, what)
+    return model
 
 
 def load_student(
@@ -349,7 +362,4 @@ def load_student(
     state, meta = read_weights(path)
     if meta is None:
         raise WeightsMismatchError(f"{path} has no tid metadata; use load_checked with the spec")
-    model = build_from_meta(meta)
-    what = f"{meta.arch}/{meta.backbone} with {meta.num_classes} classes (its own metadata)"
-    _load_strict(model, state, path, what)
-    return model.to(device).eval(), meta
+    return _from_meta(state, meta, path).to(device).eval(), meta

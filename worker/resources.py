@@ -12,7 +12,6 @@ alone, so a duplicate message is a no-op.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -123,14 +122,10 @@ def check_model(model_id: str, *, settings: Settings) -> None:
     row = _pending(settings, Model, model_id)
     if row is None:
         return
-    from tid_core.models import identify_backbone, load_student, read_weights
+    from tid_core.models import describe_weights
 
-    path = Path(row.path)
     try:
-        if read_weights(path)[1] is None:
-            meta: dict[str, Any] = {"backbone": identify_backbone(path)}
-        else:
-            meta = dataclasses.asdict(load_student(path)[1])
+        meta = describe_weights(Path(row.path))
     except (OSError, ValueError) as exc:  # WeightsMismatchError is a ValueError
         _decide(settings, Model, model_id, state="failed", error=str(exc))
         return

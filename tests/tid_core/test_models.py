@@ -18,7 +18,7 @@ from tid_core.models import (
     DetectorMeta,
     WeightsMismatchError,
     build_detector,
-    identify_backbone,
+    describe_weights,
     load_backbone,
     load_checked,
     load_student,
@@ -389,7 +389,7 @@ def test_load_backbone_takes_a_classifiers_features_and_leaves_fpn_and_heads(
         {k: v for k, v in after.items() if not k.startswith("backbone.body.")},
         {k: v for k, v in before.items() if not k.startswith("backbone.body.")},
     )
-    assert identify_backbone(path) == backbone
+    assert describe_weights(path) == {"backbone": backbone}
 
     # trained as torchvision trains a pretrained backbone: frozen BatchNorm, the stem frozen
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.backbone.body.modules())
@@ -443,6 +443,6 @@ def test_load_backbone_refuses_another_backbone_naming_what_differs(tmp_path: Pa
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(WeightsMismatchError, match=r"layer1\.0\.conv1\.weight \(64, 64, 1, 1\)"):
         load_backbone(model, tmp_path / "bad.pt", backbone="resnet18")
-    assert identify_backbone(deeper) == "resnet34"
+    assert describe_weights(deeper) == {"backbone": "resnet34"}
     with pytest.raises(WeightsMismatchError, match="neither tid detector weights nor"):
-        identify_backbone(tmp_path / "bad.pt")
+        describe_weights(tmp_path / "bad.pt")
