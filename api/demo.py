@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +36,26 @@ def job_specs(dataset_id: str, recipe: recipes.Recipe) -> tuple[dict[str, Any], 
     return teacher, recipe.job(recipe.student, dataset, recipe.student_epochs)
 
 
+@dataclass
+class Service:
+    """The demo's client and the service processes it started."""
+
+    client: Client
+    procs: dict[str, subprocess.Popen[bytes]]
+    logs: Path
+
+    def check(self) -> None:
+        """Stop at once when a service process has died: nothing would finish the job."""
+        for name, proc in self.procs.items():
+            if proc.poll() is not None:
+                log = self.logs / f"{name}.log"
+                raise SystemExit(f"the {name} process exited ({proc.returncode}); see {log}")
+
+
 @contextlib.contextmanager
-def service(port: int) -> Iterator[Client]:
-    """Start the API and one worker; stop both (and their children) on the way out."""
+def service(port: int) -> Iterator[Service]:
+    """Start the API, one worker and the reconciler; stop them (and their children) on the
+    way out."""
     from api.db.migrate import upgrade
     from api.db.session import session_scope
     from api.keys import create_key
@@ -53,23 +71,21 @@ def service(port: int) -> Iterator[Client]:
     worker_cmd = [sys.executable, "-m", "api.cli", "worker"]
     reconciler_cmd = [sys.executable, "-m", "api.cli", "reconcile", "--loop"]
     commands = {"api": api_cmd, "worker": worker_cmd, "reconciler": reconciler_cmd}
-    procs: list[subprocess.Popen[bytes]] = []
+    procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
         for name, cmd in commands.items():
             with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own copy
-                procs.append(
-                    subprocess.Popen(
-                        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-                    )
+                procs[name] = subprocess.Popen(
+                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
                 )
-        client = Client(f"http://127.0.0.1:{port}", key)
-        _wait_ready(client, procs, logs)
-        print(f"API on {client.url}, worker started; logs in {logs}", flush=True)
-        yield client
+        running = Service(Client(f"http://127.0.0.1:{port}", key), procs, logs)
+        _wait_ready(running)
+        print(f"API on {running.client.url}, worker started; logs in {logs}", flush=True)
+        yield running
     finally:
-        for proc in procs:  # the main process only, as `docker stop` does: the worker
-            proc.terminate()  # hands a running job back and stops its pool itself
-        for proc in procs:
+        for proc in procs.values():  # the main process only, as `docker stop` does: the
+            proc.terminate()  # worker hands a running job back and stops its pool itself
+        for proc in procs.values():
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -77,20 +93,19 @@ def service(port: int) -> Iterator[Client]:
                 proc.wait()
 
 
-def _wait_ready(client: Client, procs: list[subprocess.Popen[bytes]], logs: Path) -> None:
+def _wait_ready(running: Service) -> None:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(f"a service process exited early; see {logs}")
+        running.check()
         with contextlib.suppress(Exception):
-            if client.http.get("/readyz").status_code == 200:
+            if running.client.http.get("/readyz").status_code == 200:
                 return
         time.sleep(0.5)
-    raise SystemExit(f"the API did not become ready in 60 s; see {logs}")
+    raise SystemExit(f"the API did not become ready in 60 s; see {running.logs}")
 
 
-def _dataset(client: Client, recipe: recipes.Recipe) -> str:
+def _dataset(running: Service, recipe: recipes.Recipe) -> str:
+    client = running.client
     name = f"demo-shapes-{recipe.num_train}"
     for ds in client.request("GET", "/v1/datasets")["data"]:
         if ds["name"] == name and ds["state"] == "ready":
@@ -104,20 +119,26 @@ def _dataset(client: Client, recipe: recipes.Recipe) -> str:
         "seed": 0,
     }
     ds = client.create_dataset(body)
-    ds = client.wait(lambda: client.dataset(ds["id"]), done=lambda d: d["state"] != "pending")
+    ds = client.wait(
+        lambda: client.dataset(ds["id"]),
+        done=lambda d: d["state"] != "pending",
+        on_poll=lambda _: running.check(),
+    )
     if ds["state"] != "ready":
         raise SystemExit(f"dataset failed: {ds.get('error')}")
     print(f"dataset {name}: {ds['num_train']} train / {ds['num_val']} val images", flush=True)
     return str(ds["id"])
 
 
-def _run(client: Client, label: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _run(running: Service, label: str, spec: dict[str, Any]) -> dict[str, Any]:
+    client = running.client
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     job = client.submit(spec, idempotency_key=key)
     started = time.monotonic()
     shown: dict[str, Any] = {"state": "", "step": -20}
 
     def show(j: dict[str, Any]) -> None:
+        running.check()
         step = int(j.get("step") or 0)
         if j["state"] != shown["state"] or step - shown["step"] >= 20:
             loss = (j.get("latest_metrics") or {}).get("loss")
@@ -139,18 +160,19 @@ def run_demo(*, quick: bool, port: int) -> int:
     from tid_core.models import load_student
 
     settings = get_settings()
-    with service(port) as client:
+    with service(port) as running:
+        client = running.client
         try:
             recipe = recipes.recipe(quick=quick)
-            dataset_id = _dataset(client, recipe)
+            dataset_id = _dataset(running, recipe)
             teacher_spec, student = job_specs(dataset_id, recipe)
-            jobs = {"teacher": _run(client, "teacher", teacher_spec)}
+            jobs = {"teacher": _run(running, "teacher", teacher_spec)}
             teacher_block = {**teacher_spec["student"], "weights": {"job": jobs["teacher"]["id"]}}
             for method in ("none", "tid"):
                 spec = {**student, "name": f"demo-{method}", "distill": {"method": method}}
                 if method != "none":
                     spec["teacher"] = teacher_block
-                jobs[method] = _run(client, method, spec)
+                jobs[method] = _run(running, method, spec)
             out = settings.data_root / "demo-tid-student.safetensors"
             etag = client.download(jobs["tid"]["id"], "student.safetensors", out)
         except ApiError as exc:

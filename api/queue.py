@@ -12,6 +12,7 @@ from functools import lru_cache
 
 from celery import Celery
 
+from api import filesystem_broker
 from api.settings import Settings
 
 RUN_JOB = "tid.run_job"
@@ -21,8 +22,9 @@ CHECK_MODEL = "tid.check_model"
 
 def make_celery(settings: Settings) -> Celery:
     app = Celery("tid", broker=settings.broker_url)
-    options = {}
+    options: dict[str, object] = {}
     if settings.broker_url.startswith("filesystem://"):
+        app.conf.broker_transport = filesystem_broker.TRANSPORT  # whole messages, each once
         folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
         for folder in folders.values():
             folder.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def app(settings: Settings, sent: Sent, db: Session) -> FastAPI:
 
 @schema.parametrize()
 @hypothesis.settings(
-    max_examples=100,  # about 30 s for all operations on 2 cores
+    max_examples=100,  # 1 to 2 minutes for all operations, one core (mostly generating them)
     deadline=None,
     derandomize=True,  # the same examples in every run: a CI failure reproduces locally
     suppress_health_check=list(hypothesis.HealthCheck),

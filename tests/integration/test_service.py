@@ -97,6 +97,8 @@ def test_two_workers_two_jobs_each_claimed_once(stack: Any) -> None:
         assert events.count('"state": "running"') + events.count('"state":"running"') == 1
 
 
+# The CLI talks to the REST API only: the backends behind it are the other tests' concern.
+@pytest.mark.parametrize("stack", ["embedded"], indirect=True)
 def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
     stack.start_worker("worker")
     dataset_id = make_dataset(stack.client)
