@@ -25,19 +25,7 @@ def make_celery(settings: Settings) -> Celery:
     options: dict[str, object] = {}
     if settings.broker_url.startswith("filesystem://"):
         app.conf.broker_transport = filesystem_broker.TRANSPORT  # whole messages, each once
-        folders = {name: settings.broker_dir / name for name in ("queue", "processed", "control")}
-        for folder in folders.values():
-            folder.mkdir(parents=True, exist_ok=True)
-        options = {
-            "data_folder_in": str(folders["queue"]),
-            "data_folder_out": str(folders["queue"]),
-            "processed_folder": str(folders["processed"]),
-            "control_folder": str(folders["control"]),  # else kombu writes ./control
-            "store_processed": False,
-            # a listing of a local folder is cheap: a worker sees a message, or its own shutdown,
-            # within 0.2 s instead of kombu's 1 s
-            "polling_interval": 0.2,
-        }
+        options = filesystem_broker.transport_options(settings.broker_dir)
     app.conf.update(
         broker_transport_options=options,
         broker_connection_retry_on_startup=True,

@@ -21,15 +21,7 @@ from api.settings import Settings
 def channel(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     """Channels on one broker folder (`transport`: ours unless another is named)."""
     connections: list[Connection] = []
-    folders = {name: tmp_path / name for name in ("queue", "processed", "control")}
-    for folder in folders.values():
-        folder.mkdir()
-    options = {
-        "data_folder_in": str(folders["queue"]),
-        "data_folder_out": str(folders["queue"]),
-        "processed_folder": str(folders["processed"]),
-        "control_folder": str(folders["control"]),
-    }
+    options = filesystem_broker.transport_options(tmp_path)
 
     def open_channel(transport: str = filesystem_broker.TRANSPORT) -> Any:
         connection = Connection("filesystem://", transport=transport, transport_options=options)
