@@ -27,6 +27,7 @@ from api.client import ApiError, Client
 from api.settings import get_settings
 from api.terminal import evaluation_table
 from tid_core import recipes
+from tid_core.launch import terminate_with_parent
 
 
 def job_specs(dataset_id: str, recipe: recipes.Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -76,7 +77,12 @@ def service(port: int) -> Iterator[Service]:
         for name, cmd in commands.items():
             with (logs / f"{name}.log").open("ab") as out:  # the child keeps its own copy
                 procs[name] = subprocess.Popen(
-                    cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    cmd,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=terminate_with_parent,  # a killed demo leaves no service behind
                 )
         running = Service(Client(f"http://127.0.0.1:{port}", key), procs, logs)
         _wait_ready(running)

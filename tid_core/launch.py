@@ -24,6 +24,13 @@ def set_parent_death_signal(sig: signal.Signals) -> None:
         _prctl(PR_SET_PDEATHSIG, sig)
 
 
+def terminate_with_parent() -> None:
+    """A `preexec_fn` for service children (trainers, the demo's API and worker): SIGTERM when
+    their starter dies without cleaning up (SIGKILL, OOM), so they stop as on `docker stop`
+    instead of living on as orphans. One libc call: safe between fork and exec."""
+    set_parent_death_signal(signal.SIGTERM)
+
+
 def torchrun_command(spec: Path, run_dir: Path, *, nproc: int) -> list[str]:
     """argv for `nproc` trainer processes on this host (a standalone rendezvous)."""
     return [

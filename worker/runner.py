@@ -31,7 +31,7 @@ from api.db.session import TRANSIENT_ERRORS, session_scope
 from api.dispatch import enqueue
 from api.queue import RUN_JOB
 from api.settings import Settings
-from tid_core.launch import set_parent_death_signal, torchrun_command
+from tid_core.launch import terminate_with_parent, torchrun_command
 from worker.ingest import ingest_events
 from worker.resolve import resolve_spec
 
@@ -42,12 +42,6 @@ POLL_SECONDS = 0.5
 SHUTDOWN_REASON = "handed back: the worker is shutting down"
 LOG_TAIL_LINES = 20
 GROUP_EXIT_SECONDS = 5.0  # how long SIGKILLed processes get to disappear
-
-
-def _die_with_worker() -> None:
-    """Runs in the trainer's process before exec: a worker that dies without cleaning up
-    (SIGKILL, OOM) sends it SIGTERM, so no orphan trains beside the job's next attempt."""
-    set_parent_death_signal(signal.SIGTERM)
 
 
 def worker_name(settings: Settings) -> str:
@@ -133,7 +127,7 @@ def _start(run: _Run, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
             stderr=subprocess.STDOUT,
             env=env,
             start_new_session=True,
-            preexec_fn=_die_with_worker,  # one libc call: safe after fork
+            preexec_fn=terminate_with_parent,  # no orphan trains beside the next attempt
         )
 
 

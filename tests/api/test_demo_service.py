@@ -1,9 +1,13 @@
-"""`tid demo` stops as soon as one of the service processes it started has died."""
+"""`tid demo` and its service processes: the demo stops when one of them has died, and they
+stop when the demo has died."""
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,3 +29,41 @@ def test_a_dead_service_process_stops_the_demo_naming_its_log(tmp_path: Path) ->
     finally:
         alive.kill()
         alive.wait()
+
+
+STARTER = """
+import subprocess, sys, time
+from tid_core.launch import terminate_with_parent
+child = subprocess.Popen(
+    [sys.executable, "-c", "import time; time.sleep(60)"],
+    start_new_session=True, preexec_fn=terminate_with_parent,
+)
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_service_process_stops_when_the_demo_is_killed() -> None:
+    """The demo starts its services in sessions of their own (Ctrl-C reaches the demo only);
+    SIGKILL leaves it no time to stop them, so each asks the kernel for SIGTERM instead."""
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], stdout=subprocess.PIPE, text=True)
+    assert starter.stdout is not None
+    child = int(starter.stdout.readline())
+    try:
+        starter.kill()
+        starter.wait()
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(child), "a service process outlived the demo that started it"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for init to reap it counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
