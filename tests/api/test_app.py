@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +31,13 @@ def test_app_refuses_to_start_on_unmigrated_database(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("module", ["api.app", "worker.celery_app"])
-def test_importing_the_api_or_the_worker_does_not_import_torch(module: str) -> None:
+def test_importing_the_api_or_the_worker_does_not_import_torch(module: str, tmp_path: Path) -> None:
     """The API never needs torch; a worker's trainer runs in its own process, so a worker
     starts (and a deploy rolls) in about a second instead of six."""
     code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    env = {**os.environ, "TID_DATA_ROOT": str(tmp_path)}  # the broker's folders: not in ROOT
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
 
