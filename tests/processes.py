@@ -33,6 +33,11 @@ def _stat(pid: int) -> tuple[int, int, int] | None:
     return None
 
 
+def alive(pid: int) -> bool:
+    """Running (a zombie waiting to be reaped counts as gone)."""
+    return _stat(pid) is not None
+
+
 def _parent(pid: int) -> int | None:
     """The parent pid of a live process (None for a zombie or a gone one)."""
     stat = _stat(pid)

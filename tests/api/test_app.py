@@ -37,7 +37,7 @@ def test_importing_the_api_or_the_worker_does_not_import_torch(module: str, tmp_
     code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch imported'"
     env = {**os.environ, "TID_DATA_ROOT": str(tmp_path)}  # the broker's folders: not in ROOT
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stderr
 

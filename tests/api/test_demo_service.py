@@ -14,6 +14,7 @@ import pytest
 
 from api.client import Client
 from api.demo import Service
+from tests.processes import alive
 
 
 def test_a_dead_service_process_stops_the_demo_naming_its_log(tmp_path: Path) -> None:
@@ -53,17 +54,9 @@ def test_a_service_process_stops_when_the_demo_is_killed() -> None:
         starter.kill()
         starter.wait()
         deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child), "a service process outlived the demo that started it"
+        assert not alive(child), "a service process outlived the demo that started it"
     finally:
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for init to reap it counts as gone)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
