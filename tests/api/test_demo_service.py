@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+from processes import alive
 
 from api.client import Client
 from api.demo import Service
-from tests.processes import alive
 
 
 def test_a_dead_service_process_stops_the_demo_naming_its_log(tmp_path: Path) -> None:
