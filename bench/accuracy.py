@@ -13,7 +13,8 @@ Every run is a real `python -m tid_core.train` process (reused when run again wi
 and teacher). The same command serves real COCO on a GPU:
 
     python bench/accuracy.py [--quick] [--json FILE] [--dataset COCO_DIR] [--splits train,val]
-        [--device cuda] [--seeds 1,2,3] [--methods none,tid,...] [--match-grad-ratio R] [--jobs N]
+        [--device cuda] [--seeds 1,2,3] [--methods none,tid,...] [--jobs N]
+        [--match-grad-ratio R | --loss-weight W]
         [--teacher fcos:resnet50:256] [--student fcos:resnet18:128] [--image-size N]
         [--teacher-weights-backbone FILE] [--student-weights-backbone FILE]
         [--teacher-epochs N] [--student-epochs N]
@@ -26,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from bench import harness
 from tid_core import recipes
 from tid_core.checkpoint import sha256_file
 from tid_core.data.coco import CocoDetection, build_loader
@@ -349,9 +350,9 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             teacher=teacher,
         )
         unit[name] = grad_ratio(probe, data, device=args.device)
-    default_weight = float(JobSpec.model_fields["distill"].default.loss_weight)
+    weight = args.loss_weight or float(JobSpec.model_fields["distill"].default.loss_weight)
     weights = {
-        name: args.match_grad_ratio / ratio if args.match_grad_ratio else default_weight
+        name: args.match_grad_ratio / ratio if args.match_grad_ratio else weight
         for name, ratio in unit.items()
     }
     methods = {name: METHODS[name] for name in ["none", *distilled]}
@@ -408,16 +409,31 @@ def tune(
             for gamma in TUNE_GRID["gamma"]:
                 grid[f"tid-lw{lw}-g{gamma}"] = {"method": "tid", "loss_weight": lw, "gamma": gamma}
     methods = {"none": METHODS["none"], **grid}
+    weights = {
+        name: args.loss_weight
+        for name, block in grid.items()
+        if args.loss_weight and "loss_weight" not in block
+    }
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = students(pool, args, methods, recipe, dataset, teacher, {}, [TUNING_SEED])
+        futures = students(pool, args, methods, recipe, dataset, teacher, weights, [TUNING_SEED])
         table = {name: summarise([f.result() for f in runs]) for name, runs in futures.items()}
     return {"teacher_AP": teacher_ap, "tuning_seed": TUNING_SEED, "methods": table}
 
 
+def print_table(figures: dict[str, Any]) -> None:
+    mode = "tuning grid" if "tuning_seed" in figures else f"seeds {figures['seeds']}"
+    print(
+        f"\nCOCO mAP on the val split (percent), {mode}; teacher {figures['teacher_AP']:.1f} AP\n"
+    )
+    print(format_rows(figures["methods"]))
+    print(
+        "\nλ: loss weight; grad: ‖∇ distill‖ / ‖∇ detection‖ at the start (at λ); "
+        "gap: share of the teacher - student gap closed; time: mean wall seconds of a run"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser = harness.parser(__doc__.splitlines()[0] if __doc__ else "")
     parser.add_argument("--dataset", help="a COCO folder (annotations/instances_<split>.json)")
     parser.add_argument(
         "--splits",
@@ -430,10 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         "--methods",
         help="comma-separated (default: every method; with --tune, TID's loss weight x gamma grid)",
     )
-    parser.add_argument(
+    strength = parser.add_mutually_exclusive_group()
+    strength.add_argument(
         "--match-grad-ratio",
         type=float,
         help="set each method's loss weight so its initial distill/detection gradient ratio is R",
+    )
+    strength.add_argument(
+        "--loss-weight", type=float, help="every method's loss weight (default: the spec's)"
     )
     parser.add_argument(
         "--teacher", type=model_block, help="ARCH:BACKBONE:FPN, default fcos:resnet18:256"
@@ -458,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     parser.add_argument("--out", type=Path, default=Path("var/bench/accuracy"))
     args = parser.parse_args(argv)
+    if args.tune and args.match_grad_ratio:
+        parser.error("--match-grad-ratio: not with --tune (the grid sets its own loss weights)")
     args.splits = args.splits.split(",")
     if len(args.splits) != 2:
         parser.error(f"--splits {','.join(args.splits)}: expected TRAIN,VAL")
@@ -476,18 +498,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    figures = compare(args)
-    mode = "tuning grid" if args.tune else f"seeds {figures['seeds']}"
-    print(
-        f"\nCOCO mAP on the val split (percent), {mode}; teacher {figures['teacher_AP']:.1f} AP\n"
-    )
-    print(format_rows(figures["methods"]))
-    print(
-        "\nλ: loss weight; grad: ‖∇ distill‖ / ‖∇ detection‖ at the start (at λ); "
-        "gap: share of the teacher - student gap closed; time: mean wall seconds of a run"
-    )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    harness.report(compare(args), print_table, args.json)
     return 0
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -43,7 +42,8 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench import harness
+
 HOST = "127.0.0.1"
 FINAL = ("succeeded", "failed", "cancelled")
 
@@ -100,7 +100,7 @@ class Processes:
         with (self.logs / f"{name}.log").open("ab") as out:
             self.procs[name] = subprocess.Popen(
                 [sys.executable, *args],
-                cwd=ROOT,
+                cwd=harness.ROOT,
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -110,7 +110,11 @@ class Processes:
     def run(self, *args: str) -> str:
         """A short command to its end; its stdout."""
         done = subprocess.run(
-            [sys.executable, *args], cwd=ROOT, env=self.env, capture_output=True, timeout=120
+            [sys.executable, *args],
+            cwd=harness.ROOT,
+            env=self.env,
+            capture_output=True,
+            timeout=120,
         )
         if done.returncode:
             raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr.decode()[-2000:]}")
@@ -141,16 +145,14 @@ class Processes:
 def processes(tmp: Path) -> Iterator[Processes]:
     """Processes that see a private data root under `tmp` with the embedded defaults (SQLite,
     file-system broker) and this checkout's code; all stopped at the end."""
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "TID_DATA_ROOT": str(tmp / "data"),
-        "TID_DATABASE_URL": "",  # the embedded defaults under the data root
-        "TID_BROKER_URL": "",
-        "TID_CANCEL_GRACE_SECONDS": "5",
+    env = harness.child_env(
+        TID_DATA_ROOT=str(tmp / "data"),
+        TID_DATABASE_URL="",  # the embedded defaults under the data root
+        TID_BROKER_URL="",
+        TID_CANCEL_GRACE_SECONDS="5",
         # a load test submits hundreds of jobs as one owner: measure the API, not its quota
-        "TID_MAX_ACTIVE_JOBS_PER_OWNER": "0",
-    }
+        TID_MAX_ACTIVE_JOBS_PER_OWNER="0",
+    )
     procs = Processes(env, tmp)
     try:
         yield procs
@@ -468,18 +470,19 @@ def print_table(result: dict[str, Any]) -> None:
         )
     if result["submit_to_running_s"] is None:
         print("submit -> running: skipped (--no-worker)")
-        return
-    print(
-        f"submit -> running, idle worker, median of {len(result['submit_to_running_samples'])}: "
-        f"{result['submit_to_running_s']:.3f} s seen by the client, "
-        f"{result['submit_to_running_server_s']:.3f} s created_at -> started_at"
-    )
+    else:
+        print(
+            f"submit -> running, idle worker, median of "
+            f"{len(result['submit_to_running_samples'])}: "
+            f"{result['submit_to_running_s']:.3f} s seen by the client, "
+            f"{result['submit_to_running_server_s']:.3f} s created_at -> started_at"
+        )
+    if "profile" in result:
+        print_profile(result["profile"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="REST API vs bare FastAPI, side by side.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser = harness.parser("REST API vs bare FastAPI, side by side.")
     parser.add_argument("--requests", type=int, default=1000, help="per endpoint and round")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--concurrency", type=int, default=16)
@@ -496,12 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.requests, args.rounds = 100, 2
         args.latency_runs = min(args.latency_runs, 1)
-    result = measure(args)
-    print_table(result)
-    if "profile" in result:
-        print_profile(result["profile"])
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    harness.report(measure(args), print_table, args.json)
     return 0
 
 

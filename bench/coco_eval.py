@@ -24,6 +24,7 @@ from typing import Any, get_args
 
 import numpy as np
 
+from bench import harness
 from tid_core.data.synthetic import generate_shapes
 from tid_core.evaluate import STAT_NAMES, Backend, coco_metrics
 
@@ -151,9 +152,7 @@ def _fmt(value: float | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="faster-coco-eval vs pycocotools, side by side.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser = harness.parser("faster-coco-eval vs pycocotools, side by side.")
     parser.add_argument(
         "--images", type=int, default=5000, help="val images (COCO val2017 has 5000)"
     )
@@ -166,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.images, args.rounds = 100, 2
     result = measure(args)
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    harness.report(result, print_table, args.json)
     return 0 if result["max_abs_diff"] <= TOLERANCE else 1
 
 

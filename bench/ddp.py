@@ -16,7 +16,6 @@ medians of rounds.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -29,12 +28,11 @@ from typing import Any
 
 import torch
 
+from bench import harness
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
 from tid_core.launch import torchrun_command
 from tid_core.spec import JobSpec
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def job_spec(args: argparse.Namespace, dataset: Path, nproc: int) -> JobSpec:
@@ -92,16 +90,12 @@ def train_once(
     run_dir.mkdir()
     spec_path = run_dir / "spec.json"
     spec_path.write_text(job_spec(args, dataset, nproc).model_dump_json())
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        "OMP_NUM_THREADS": str(setup.threads),
-    }
+    env = harness.child_env(OMP_NUM_THREADS=str(setup.threads))
     cmd = torchrun_command(spec_path, run_dir, nproc=nproc)
     start = time.perf_counter()
     with (run_dir / "train.log").open("wb") as out:
         code = subprocess.run(
-            cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+            cmd, cwd=harness.ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
         ).returncode
     wall = time.perf_counter() - start
     if code != 0:
@@ -189,9 +183,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Trainer throughput with 1 vs N processes.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser = harness.parser("Trainer throughput with 1 vs N processes.")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--nprocs", type=int, nargs="+", help="default: 1 2 (CPU), 1..GPUs")
     parser.add_argument("--cores", type=int, default=len(os.sched_getaffinity(0)))
@@ -222,9 +214,7 @@ def main(argv: list[str] | None = None) -> int:
             f"at least 2 steps per run after --skip {args.skip}"
         )
     result = measure(args)
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    harness.report(result, print_table, args.json)
     return 0
 
 

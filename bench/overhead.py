@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from typing import Any
 
 import torch
 
+from bench import harness
 from tid_core.data.coco import CocoDetection, collate_detection
 from tid_core.data.synthetic import generate_shapes
 from tid_core.distill.capture import Detector, teacher_forward
@@ -188,9 +188,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Distillation step overhead, side by side.")
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", type=Path, help="also write the figures to this file")
+    parser = harness.parser("Distillation step overhead, side by side.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--teacher", default="resnet50")
     parser.add_argument("--teacher-fpn", type=int, default=256)
@@ -207,9 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         args.teacher, args.teacher_fpn, args.student_fpn = "resnet18", 128, 64
         args.batch_size, args.image_size, args.steps, args.rounds, args.warmup = 2, 64, 2, 2, 1
     result = measure(args)
-    print_table(result)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
+    harness.report(result, print_table, args.json)
     return 0
 
 

@@ -69,19 +69,23 @@ def test_accuracy_quick_prints_its_methods_and_writes_json(tmp_path: Path) -> No
     torch.save(resnet18().state_dict(), imagenet)
     backbones = ["--teacher-weights-backbone", str(imagenet)]
     backbones += ["--student-weights-backbone", str(imagenet)]
-    table, figures = run_quick(tmp_path, "--methods", ",".join(QUICK_METHODS), *backbones)
-    # every run (the teacher, each student) started from that backbone
+    weight = ["--loss-weight", "0.3"]
+    table, figures = run_quick(tmp_path, "--methods", ",".join(QUICK_METHODS), *weight, *backbones)
+    # every run (the teacher, each student) started from that backbone; every distilled one
+    # at the given loss weight
     specs = [json.loads(f.read_text()) for f in (tmp_path / "work").rglob("spec.json")]
     assert len(specs) == 1 + len(QUICK_METHODS)
     for spec in specs:
         assert spec["student"]["weights_backbone"] == {"path": str(imagenet)}
+    weights = sorted(s["distill"].get("loss_weight", 0.0) for s in specs if "teacher" in s)
+    assert weights == [0.3] * (len(QUICK_METHODS) - 1)
     methods = ["teacher", *QUICK_METHODS]
     assert row_names(table, len(methods)) == methods
     assert set(figures["methods"]) == set(methods)
     for name in methods[2:]:
         row = figures["methods"][name]
         assert {"AP", "AP_std", "AP50", "loss_weight", "grad_ratio", "gap_closed"} <= set(row)
-        assert row["grad_ratio"] > 0
+        assert row["grad_ratio"] > 0 and row["loss_weight"] == 0.3
 
     # --tune with --methods: those methods (and `none`) on the held-out split, tuning seed
     table, figures = run_quick(tmp_path, "--tune", "--methods", "tid-key0.6", *backbones)
