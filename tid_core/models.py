@@ -30,7 +30,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from tid_core.spec import ARCHS
+from tid_core.spec import ARCHS, TRAINABLE_BACKBONE_LAYERS
 
 STRIDES = (8, 16, 32, 64, 128)
 WEIGHTS_FORMAT = "tid-detector-v1"
@@ -41,9 +41,9 @@ class _BackboneDef:
     build: Callable[[], nn.Module]
     return_layers: dict[str, str]  # module name -> FPN input name, strides 8, 16, 32
     in_channels: list[int]
-    # the stages that keep training on a pretrained backbone: torchvision's detectors' default
-    # (trainable_backbone_layers=3): the stem and the earliest stages stay as pretrained
-    trainable: tuple[str, ...]
+    # the body's child where each stage starts, from the input (torchvision's stages, whose
+    # last `trainable_backbone_layers` train on a pretrained backbone)
+    stage_starts: tuple[str, ...]
 
 
 def _resnet(fn: Callable[..., nn.Module]) -> Callable[[], nn.Module]:
@@ -57,17 +57,16 @@ def _mobilenet() -> nn.Module:
 
 
 _RESNET_LAYERS = {"layer2": "0", "layer3": "1", "layer4": "2"}
-_RESNET_TRAINABLE = ("layer2", "layer3", "layer4")
-# torchvision's rule: the last 3 of the stages that start at features 0, 2, 4, 7, 13 and 16
-_MOBILENET_TRAINABLE = tuple(str(i) for i in range(7, 17))
+_RESNET_STAGES = ("conv1", "layer1", "layer2", "layer3", "layer4")  # conv1: with bn1, the stem
+# torchvision's stages of MobileNetV3: the first block, the blocks that reduce resolution, the
+# last conv
+_MOBILENET_STAGES = ("0", "2", "4", "7", "13", "16")
 BACKBONES: dict[str, _BackboneDef] = {
-    "resnet18": _BackboneDef(_resnet(resnet18), _RESNET_LAYERS, [128, 256, 512], _RESNET_TRAINABLE),
-    "resnet34": _BackboneDef(_resnet(resnet34), _RESNET_LAYERS, [128, 256, 512], _RESNET_TRAINABLE),
-    "resnet50": _BackboneDef(
-        _resnet(resnet50), _RESNET_LAYERS, [512, 1024, 2048], _RESNET_TRAINABLE
-    ),
+    "resnet18": _BackboneDef(_resnet(resnet18), _RESNET_LAYERS, [128, 256, 512], _RESNET_STAGES),
+    "resnet34": _BackboneDef(_resnet(resnet34), _RESNET_LAYERS, [128, 256, 512], _RESNET_STAGES),
+    "resnet50": _BackboneDef(_resnet(resnet50), _RESNET_LAYERS, [512, 1024, 2048], _RESNET_STAGES),
     "mobilenet_v3_large": _BackboneDef(
-        _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960], _MOBILENET_TRAINABLE
+        _mobilenet, {"6": "0", "12": "1", "16": "2"}, [40, 112, 960], _MOBILENET_STAGES
     ),
 }
 
@@ -290,11 +289,18 @@ def _body_tensors(
     return {**own, **found}
 
 
-def load_backbone(model: FCOS | RetinaNet, path: Path, *, backbone: str) -> None:
+def load_backbone(
+    model: FCOS | RetinaNet,
+    path: Path,
+    *,
+    backbone: str,
+    trainable_layers: int = TRAINABLE_BACKBONE_LAYERS,
+) -> None:
     """Initialise `model`'s backbone from `path` (a torchvision classifier's state dict or a
     detector of the same backbone): all of its weights, or a WeightsMismatchError. Pretraining
     transfers features, not the task: the FPN and heads keep their initialisation. The backbone
-    then trains as a pretrained one does (`_freeze_pretrained`)."""
+    then trains as a pretrained one does (`_freeze_pretrained`): its last `trainable_layers`
+    stages."""
     state, meta = read_weights(path)
     if meta is not None and meta.backbone != backbone:
         raise WeightsMismatchError(
@@ -304,13 +310,14 @@ def load_backbone(model: FCOS | RetinaNet, path: Path, *, backbone: str) -> None
     body = model.backbone.body
     what = f"backbone weights {path.name} do not hold a {backbone}"
     body.load_state_dict(_body_tensors(state, body.state_dict(), what=what), strict=True)
-    _freeze_pretrained(body, BACKBONES[backbone].trainable)
+    _freeze_pretrained(body, BACKBONES[backbone].stage_starts, trainable_layers)
 
 
-def _freeze_pretrained(body: nn.Module, trainable: tuple[str, ...]) -> None:
+def _freeze_pretrained(body: nn.Module, stage_starts: tuple[str, ...], trainable: int) -> None:
     """Train a pretrained backbone as torchvision's detectors do: FrozenBatchNorm2d (a
-    detector's few images per GPU would wreck the pretrained statistics) and only the stages
-    in `trainable` updated."""
+    detector's few images per GPU would wreck the pretrained statistics) and only its last
+    `trainable` stages updated (`stage_starts`: where each stage begins among the body's
+    children)."""
     for module in list(body.modules()):
         for name, child in module.named_children():
             if isinstance(child, nn.BatchNorm2d):
@@ -318,9 +325,12 @@ def _freeze_pretrained(body: nn.Module, trainable: tuple[str, ...]) -> None:
                 for key in ("weight", "bias", "running_mean", "running_var"):
                     getattr(frozen, key).copy_(getattr(child, key).detach())
                 setattr(module, name, frozen)
-    for name, param in body.named_parameters():
-        if name.split(".")[0] not in trainable:
-            param.requires_grad_(False)
+    children = [name for name, _ in body.named_children()]
+    first = (
+        children.index(stage_starts[len(stage_starts) - trainable]) if trainable else len(children)
+    )
+    for name in children[:first]:
+        body.get_submodule(name).requires_grad_(False)
 
 
 def describe_weights(path: Path) -> dict[str, Any]:

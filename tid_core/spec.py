@@ -23,6 +23,15 @@ ClsMatch = Literal["box", "point"]
 
 ARCHS: tuple[Arch, ...] = ("fcos", "retinanet")
 BACKBONES: tuple[Backbone, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
+# a backbone's stages in torchvision's sense, the range of `trainable_backbone_layers`: a
+# ResNet's conv1 + layer1..4; MobileNetV3's blocks that start at features 0, 2, 4, 7, 13, 16
+BACKBONE_STAGES: dict[Backbone, int] = {
+    "resnet18": 5,
+    "resnet34": 5,
+    "resnet50": 5,
+    "mobilenet_v3_large": 6,
+}
+TRAINABLE_BACKBONE_LAYERS = 3  # torchvision's detectors' default for a pretrained backbone
 METHODS: tuple[Method, ...] = ("none", "fitnet", "pkd", "tid")
 NUM_LEVELS = 5  # P3..P7, strides 8..128, for every backbone
 # the DistillSpec options only TID reads (FitNet and PKD are defined by their normalisation)
@@ -87,9 +96,37 @@ class StudentSpec(ModelSpec):
     """The detector a job trains. `weights_backbone` (torchvision's name) initialises its
     backbone from a file: a torchvision ImageNet classifier's state dict, or any detector of the
     same backbone (a finished job, an uploaded model); the FPN and heads start random, and the
-    backbone trains as torchvision trains a pretrained one (frozen BatchNorm and stem)."""
+    backbone trains as torchvision trains a pretrained one: frozen BatchNorm, and only its last
+    `trainable_backbone_layers` stages updated (torchvision's name and default, 3; 0 freezes
+    the whole backbone, 5 (ResNet) or 6 (MobileNetV3) trains all of it)."""
 
     weights_backbone: Weights | None = _omitted_at_default(None)
+    trainable_backbone_layers: int | None = _omitted_at_default(None)
+
+    @model_validator(mode="after")
+    def _trainable_layers_of_a_pretrained_backbone(self) -> Self:
+        layers = self.trainable_backbone_layers
+        if layers is None:
+            return self
+        if self.weights_backbone is None:
+            raise ValueError(
+                "trainable_backbone_layers: only with weights_backbone (a backbone trained from "
+                "scratch trains all of its layers)"
+            )
+        stages = BACKBONE_STAGES[self.backbone]
+        if not 0 <= layers <= stages:
+            raise ValueError(
+                f"trainable_backbone_layers: {layers} is not in 0..{stages}, the stages of "
+                f"{self.backbone}"
+            )
+        return self
+
+    @property
+    def trainable_layers(self) -> int:
+        """How many of the backbone's last stages train when it starts from `weights_backbone`."""
+        if self.trainable_backbone_layers is None:
+            return TRAINABLE_BACKBONE_LAYERS
+        return self.trainable_backbone_layers
 
 
 class TeacherSpec(ModelSpec):

@@ -149,7 +149,12 @@ def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Dis
     )
     if spec.student.weights_backbone is not None:
         path = _weights_path(spec.student.weights_backbone, "student.weights_backbone")
-        load_backbone(student, path, backbone=spec.student.backbone)
+        load_backbone(
+            student,
+            path,
+            backbone=spec.student.backbone,
+            trainable_layers=spec.student.trainable_layers,
+        )
     if spec.teacher is None:
         return Distiller(student)
     teacher = load_checked(

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 
 from tid_core.distill.capture import Detector
 from tid_core.models import (
@@ -25,6 +26,7 @@ from tid_core.models import (
     read_weights,
     save_weights,
 )
+from tid_core.spec import BACKBONE_STAGES
 
 FPN = 64  # the smallest width build_detector accepts
 SMALL = {"arch": "fcos", "backbone": "mobilenet_v3_large", "num_classes": 3, "fpn_channels": FPN}
@@ -397,6 +399,31 @@ def test_load_backbone_takes_a_classifiers_features_and_leaves_fpn_and_heads(
     stem, last = ("conv1", "layer4") if backbone == "resnet18" else ("0", "16")
     assert (trains[stem], trains[last]) == (False, True)
     assert all(p.requires_grad for p in model.backbone.fpn.parameters())
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
+def test_trainable_backbone_layers_freeze_what_torchvision_freezes(
+    tmp_path: Path, backbone: str
+) -> None:
+    """For every `trainable_layers`, the parameters left training are torchvision's own
+    (`resnet_fpn_backbone` / `mobilenet_backbone` with that `trainable_layers`)."""
+    make = resnet18 if backbone == "resnet18" else mobilenet_v3_large
+    path = classifier_file(tmp_path, make())
+    for layers in range(BACKBONE_STAGES[backbone] + 1):
+        model = small_detector(backbone=backbone)
+        load_backbone(model, path, backbone=backbone, trainable_layers=layers)
+        ours = {n for n, p in model.backbone.body.named_parameters() if p.requires_grad}
+        if backbone == "resnet18":
+            reference = resnet_fpn_backbone(
+                backbone_name=backbone, weights=None, trainable_layers=layers
+            )
+        else:
+            reference = mobilenet_backbone(
+                backbone_name=backbone, weights=None, fpn=True, trainable_layers=layers
+            )
+        theirs = {n for n, p in reference.body.named_parameters() if p.requires_grad}
+        assert ours == theirs, (layers, sorted(ours ^ theirs)[:5])
+        assert bool(ours) == (layers > 0)
 
 
 def test_load_backbone_takes_a_detectors_backbone_of_another_arch_and_width(

@@ -146,6 +146,27 @@ def test_a_student_may_name_backbone_weights_and_specs_without_them_keep_their_h
     assert "weights_backbone" in rejection(spec(teacher__weights_backbone={"path": "/w"}))
 
 
+def test_trainable_backbone_layers_go_with_backbone_weights_within_the_backbones_stages() -> None:
+    weights = {"path": "/w/mobilenet.pth"}
+    pretrained = JobSpec.model_validate(spec(student__weights_backbone=weights))
+    assert pretrained.student.trainable_layers == 3  # torchvision's default
+    assert "trainable_backbone_layers" not in pretrained.model_dump(mode="json")["student"]
+    for layers in (0, 6):  # MobileNetV3 has 6 stages
+        job = JobSpec.model_validate(
+            spec(student__weights_backbone=weights, student__trainable_backbone_layers=layers)
+        )
+        assert job.student.trainable_layers == layers
+        assert job.spec_hash() != pretrained.spec_hash()
+
+    message = rejection(
+        spec(student__weights_backbone=weights, student__trainable_backbone_layers=7)
+    )
+    assert "student" in message and "7 is not in 0..6, the stages of mobilenet_v3_large" in message
+    resnet = {"backbone": "resnet18", "weights_backbone": weights, "trainable_backbone_layers": 6}
+    assert "6 is not in 0..5, the stages of resnet18" in rejection(spec(student=resnet))
+    assert "only with weights_backbone" in rejection(spec(student__trainable_backbone_layers=2))
+
+
 @pytest.mark.parametrize("name", ["", "../val", "a/b", ".hidden", "train 2017", "x" * 65])
 def test_a_split_name_is_one_plain_path_component(name: str) -> None:
     message = rejection(spec(dataset={"path": "/data/coco", "train_split": name}))

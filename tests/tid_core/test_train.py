@@ -308,6 +308,16 @@ def test_a_student_starts_from_its_backbone_weights(tmp_path: Path, dataset: Pat
     for key, value in loaded.items():
         assert torch.equal(value, expected[key]), key
     assert student.head.classification_head.cls_logits.weight.shape[0] == NUM_CLASSES
+    trains = {n.split(".")[0]: p.requires_grad for n, p in student.backbone.body.named_parameters()}
+    assert [trains[stage] for stage in ("layer1", "layer2", "layer4")] == [False, True, True]
+
+    # the spec's trainable_backbone_layers reaches it: 1 trains layer4 only
+    spec["student"]["trainable_backbone_layers"] = 1
+    job = JobSpec.model_validate(spec)
+    student = build_models(job, CocoDetection(dataset, "train", train=True), 64).student
+    trains = {n.split(".")[0]: p.requires_grad for n, p in student.backbone.body.named_parameters()}
+    assert [trains[stage] for stage in ("layer1", "layer3", "layer4")] == [False, False, True]
+    del spec["student"]["trainable_backbone_layers"]
 
     spec["student"] |= {"backbone": "resnet34", "weights_backbone": {"path": str(teacher)}}
     run_dir = tmp_path / "run"
