@@ -128,6 +128,15 @@ def test_submit_job_method_without_teacher_is_422(
     assert_problem(response, 422, 'method "tid" needs a teacher')
 
 
+def test_submit_job_trainable_backbone_layers_without_backbone_weights_is_422(
+    client: TestClient, owner_headers: dict[str, str]
+) -> None:
+    student = {"backbone": "resnet18", "trainable_backbone_layers": 2}
+    response = client.post("/v1/jobs", json={**SPEC, "student": student}, headers=owner_headers)
+    body = assert_problem(response, 422, "trainable_backbone_layers: only with weights_backbone")
+    assert ["body", "student"] in [e["loc"] for e in body["errors"]]
+
+
 @pytest.mark.parametrize(
     "raw",
     [
