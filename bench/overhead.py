@@ -14,6 +14,7 @@ running the teacher.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import statistics
 import sys
@@ -99,6 +100,47 @@ def make_teacher_pass(
     return run
 
 
+# ops that only allocate or relabel memory (no kernel): a tensor's metadata, not its values
+_NO_KERNEL = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "_unsafe_view"})
+
+
+@functools.cache
+def _computes(name: str) -> bool:
+    """Whether an aten op writes values (a kernel on a GPU): not a view (its schema returns an
+    alias it does not write), an in-place view or a bare allocation."""
+    op = name.removeprefix("aten::")
+    packet = getattr(torch.ops.aten, op, None)
+    if packet is None or op in _NO_KERNEL:
+        return packet is None
+    overload = getattr(packet, packet.overloads()[0])
+    returns = overload._schema.returns
+    view = bool(returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in returns
+    )
+    return not view and torch.Tag.inplace_view not in overload.tags
+
+
+def count_ops(run: Callable[[int], float], device: torch.device) -> int:
+    """Kernels one step launches: counted by the profiler on a GPU; on a CPU, the aten ops that
+    compute (leaf ops that are not views or allocations), which a GPU would launch one kernel
+    each for. A clock-free measure of what a launch-bound GPU pays per step."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        run(1)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.profiler.DeviceType.CUDA)
+    return sum(
+        1
+        for e in events
+        if e.name.startswith("aten::")
+        and _computes(e.name)
+        and not any(c.name.startswith("aten::") for c in e.cpu_children)
+    )
+
+
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     device = torch.device(args.device)
     torch.manual_seed(0)
@@ -139,6 +181,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         for name, run in runners.items():
             samples[name].append(run(args.steps))
     result = ratios(samples)
+    result.update({f"{name}_ops": count_ops(run, device) for name, run in runners.items()})
     result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
         "torch": torch.__version__,
         "device_name": device_name(device),
@@ -175,16 +218,22 @@ def print_table(result: dict[str, Any]) -> None:
         f", batch {cfg['batch_size']} x {cfg['image_size']} px, {cfg['device_name']}, "
         f"AMP {'on' if cfg['amp'] and cfg['device'].startswith('cuda') else 'off'}"
     )
-    print(f"{'step':<14}{'ms':>10}{'ratio':>10}{'rounds':>16}")
+    print(f"{'step':<14}{'ms':>10}{'ratio':>10}{'rounds':>16}{'kernels':>10}{'extra':>8}")
     base = result["student_ms"] + result["teacher_fwd_ms"]
-    print(f"{'student only':<14}{result['student_ms']:>10.1f}")
-    print(f"{'teacher fwd':<14}{result['teacher_fwd_ms']:>10.1f}")
-    print(f"{'sum':<14}{base:>10.1f}{1.0:>10.3f}")
+    base_ops = result["student_ops"] + result["teacher_fwd_ops"]
+    for label, name in (("student only", "student"), ("teacher fwd", "teacher_fwd")):
+        print(f"{label:<14}{result[f'{name}_ms']:>10.1f}{'':>26}{result[f'{name}_ops']:>10}")
+    print(f"{'sum':<14}{base:>10.1f}{1.0:>10.3f}{'':>16}{base_ops:>10}")
     for m in METHODS:
         lo, hi = result[f"{m}_ratio_range"]
-        spread = f"{lo:.3f}-{hi:.3f}"
-        print(f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}{spread:>16}")
+        ops = result[f"{m}_ops"]
+        print(
+            f"{m:<14}{result[f'{m}_ms']:>10.1f}{result[f'{m}_ratio']:>10.3f}"
+            f"{f'{lo:.3f}-{hi:.3f}':>16}{ops:>10}{ops - base_ops:>+8}"
+        )
     print(f"(ms: medians over {cfg['rounds']} rounds; ratio: median of the per-round ratios)")
+    kernels = "kernels launched" if cfg["device"].startswith("cuda") else "aten ops that compute"
+    print(f"(kernels: {kernels} in one step; extra: beyond student step + teacher forward)")
 
 
 def main(argv: list[str] | None = None) -> int:

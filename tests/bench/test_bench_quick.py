@@ -30,7 +30,7 @@ CASES = {
     "overhead": (
         "teacher fwd",
         {"fitnet_ratio", "pkd_ratio", "tid_ratio", "tid_ratio_range"}
-        | {"student_ms", "teacher_fwd_ms", "tid_ms"},
+        | {"student_ms", "teacher_fwd_ms", "tid_ms", "student_ops", "teacher_fwd_ops", "tid_ops"},
     ),
     "coco_eval": (
         "max abs diff",
