@@ -406,22 +406,29 @@ D2 = torch.tensor([[[10.0, 20.0]]])  # [1, 1, 2]: N_l = 2
 
 
 def test_region_losses_divide_by_level_location_count_not_region_size() -> None:
-    key = [torch.tensor([[[True, False], [False, False]]]), torch.tensor([[[False, True]]])]
-    out = region_losses([D1, D2], {"tid_key": (key, 2.0)})
-    # 2 * (1 / 4 + 20 / 2) = 20.5 (per-region means would give 2 * (1 + 20) = 42)
-    assert out["tid_key"].item() == pytest.approx(20.5)
+    # level 0: locations 0-3, level 1: 4-5; key: D1's first and D2's second, weak: D1's last
+    key = [1.0, 0.0, 0.0, 0.0, 0.0, 1.0]
+    weak = [0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
+    out = region_losses([D1, D2], torch.tensor([[key], [weak]]))
+    # key: 1 / 4 + 20 / 2 = 10.25 (per-region means would give 1 + 20 = 21); weak: 4 / 4
+    assert out.tolist() == pytest.approx([10.25, 1.0])
 
 
-def test_region_losses_with_full_masks_and_weight_one_is_plain_mean() -> None:
-    full = [torch.ones_like(D1, dtype=torch.bool), torch.ones_like(D2, dtype=torch.bool)]
-    out = region_losses([D1, D2], {"all": (full, 1.0)})
-    assert out["all"].item() == pytest.approx(2.5 + 15.0)
+def test_region_losses_with_a_full_mask_is_the_sum_of_the_level_means() -> None:
+    out = region_losses([D1, D2], torch.ones(1, 1, 6))
+    assert out.tolist() == pytest.approx([2.5 + 15.0])
 
 
 def test_region_losses_empty_region_is_zero() -> None:
-    empty = [torch.zeros_like(D1, dtype=torch.bool), torch.zeros_like(D2, dtype=torch.bool)]
-    out = region_losses([D1, D2], {"tid_weak": (empty, 4.0)})
-    assert out["tid_weak"].item() == 0.0
+    out = region_losses([D1, D2], torch.zeros(1, 1, 6))
+    assert out.tolist() == [0.0]
+
+
+def test_region_losses_sum_over_the_images_of_a_batch() -> None:
+    # two images: each level's mean is over N * H_l * W_l locations
+    distances = [torch.cat([D1, 3 * D1]), torch.cat([D2, D2])]
+    out = region_losses(distances, torch.ones(1, 2, 6))
+    assert out.tolist() == pytest.approx([(10.0 + 30.0) / 8 + 60.0 / 4])
 
 
 # ---- TIDLoss ------------------------------------------------------------------------------------

@@ -192,25 +192,23 @@ def feature_distance(f_s: Tensor, f_t: Tensor, *, normalize: bool, eps: float = 
 
 
 def _standardise(f: Tensor, eps: float) -> Tensor:
-    mean = f.mean(dim=(0, 2, 3), keepdim=True)
-    var = f.var(dim=(0, 2, 3), keepdim=True, unbiased=False)
-    return (f - mean) / (var + eps).sqrt()
+    var, mean = torch.var_mean(f, dim=(0, 2, 3), keepdim=True, correction=0)  # one pass
+    return (f - mean) * (var + eps).rsqrt()
 
 
-def region_losses(
-    distances: Sequence[Tensor], regions: dict[str, tuple[Sequence[Tensor], float]]
-) -> dict[str, Tensor]:
-    """SFDM: per region, sum_l (1/N_l) sum_{i in region} w * d_l(i).
+def region_losses(distances: Sequence[Tensor], regions: Tensor) -> Tensor:
+    """SFDM: per region r, sum_l (1/N_l) sum_{i in r at level l} d_l(i), as a vector [R].
 
-    Each level is normalised by its total number of locations, never by the region's size:
-    per-region means put a whole level's weight on a handful of locations (TID.md).
+    `distances` are per level [N, H_l, W_l]; `regions` [R, N, sum_l H_l*W_l] holds each
+    region's 0/1 mask over the levels' locations, in the same order. Each level is normalised
+    by its total number of locations, never by the region's size: per-region means put a whole
+    level's weight on a handful of locations (TID.md). All regions and levels in one product
+    and one sum: a few kernels in all, whatever the number of levels (not a matmul, which
+    autocast would run in half precision).
     """
-    # One flat vector over all levels: three kernels per region instead of three per level.
-    scaled = torch.cat([(d / d.numel()).flatten() for d in distances])
-    return {
-        name: weight * (scaled * torch.cat([m.flatten() for m in masks])).sum()
-        for name, (masks, weight) in regions.items()
-    }
+    scale = torch.cat([d.new_full((d[0].numel(),), 1.0 / d.numel()) for d in distances])
+    flat = torch.cat([d.flatten(1) for d in distances], dim=1) * scale  # [N, sum_l H_l*W_l]
+    return (regions * flat).sum(dim=(1, 2))
 
 
 class TIDLoss(nn.Module):
@@ -276,26 +274,18 @@ class TIDLoss(nn.Module):
     ) -> dict[str, Tensor]:
         """`student.features` / `teacher.features` hold the distilled levels only (adapted)."""
         key, weak = self.area_masks(student, teacher, targets)
-        n = key.shape[0]
-        shapes = teacher.level_shapes
-        sizes = [h * w for h, w in shapes]
-        key_l, weak_l = torch.split(key, sizes, dim=1), torch.split(weak, sizes, dim=1)
-        key_m = [key_l[lvl].view(n, *shapes[lvl]) for lvl in self.levels]
-        weak_m = [weak_l[lvl].view(n, *shapes[lvl]) for lvl in self.levels]
-        rest_m = [~(k | w) for k, w in zip(key_m, weak_m, strict=True)]
+        regions = torch.stack([key, weak, ~(key | weak)]).float()  # [3, N, L]
+        fractions = regions.mean(dim=(1, 2))
+        self.last_stats = {"tid_key_frac": fractions[0], "tid_weak_frac": fractions[1]}
+        if self.levels != list(range(len(teacher.level_shapes))):  # the distilled levels' only
+            parts = torch.split(regions, [h * w for h, w in teacher.level_shapes], dim=2)
+            regions = torch.cat([parts[lvl] for lvl in self.levels], dim=2)
         distances = [
             feature_distance(fs, ft, normalize=self.normalize)
             for fs, ft in zip(student.features, teacher.features, strict=True)
         ]
-        self.last_stats = {
-            "tid_key_frac": key.float().mean(),
-            "tid_weak_frac": weak.float().mean(),
+        losses = region_losses(distances, regions)
+        return {
+            name: weight * loss
+            for (name, weight), loss in zip(self.weights.items(), losses.unbind(), strict=True)
         }
-        return region_losses(
-            distances,
-            {
-                "tid_key": (key_m, self.weights["tid_key"]),
-                "tid_weak": (weak_m, self.weights["tid_weak"]),
-                "tid_rest": (rest_m, self.weights["tid_rest"]),
-            },
-        )
