@@ -350,7 +350,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             teacher=teacher,
         )
         unit[name] = grad_ratio(probe, data, device=args.device)
-    weight = args.loss_weight or float(JobSpec.model_fields["distill"].default.loss_weight)
+    weight = (
+        args.loss_weight
+        if args.loss_weight is not None
+        else float(JobSpec.model_fields["distill"].default.loss_weight)
+    )
     weights = {
         name: args.match_grad_ratio / ratio if args.match_grad_ratio else weight
         for name, ratio in unit.items()
@@ -412,7 +416,7 @@ def tune(
     weights = {
         name: args.loss_weight
         for name, block in grid.items()
-        if args.loss_weight and "loss_weight" not in block
+        if args.loss_weight is not None and "loss_weight" not in block
     }
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = students(pool, args, methods, recipe, dataset, teacher, weights, [TUNING_SEED])

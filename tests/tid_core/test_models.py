@@ -401,6 +401,10 @@ def test_load_backbone_takes_a_classifiers_features_and_leaves_fpn_and_heads(
     assert all(p.requires_grad for p in model.backbone.fpn.parameters())
 
 
+def test_every_backbone_has_the_stages_the_spec_allows_to_train() -> None:
+    assert {name: len(b.stage_starts) for name, b in BACKBONES.items()} == BACKBONE_STAGES
+
+
 @pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_large"])
 def test_trainable_backbone_layers_freeze_what_torchvision_freezes(
     tmp_path: Path, backbone: str
