@@ -101,7 +101,10 @@ class StudentSpec(ModelSpec):
     the whole backbone, 5 (ResNet) or 6 (MobileNetV3) trains all of it)."""
 
     weights_backbone: Weights | None = _omitted_at_default(None)
-    trainable_backbone_layers: int | None = _omitted_at_default(None)
+    # bounded here by the deepest backbone's stages (so the schema says it); by this one's below
+    trainable_backbone_layers: (
+        Annotated[int, Field(ge=0, le=max(BACKBONE_STAGES.values()))] | None
+    ) = _omitted_at_default(None)
 
     @model_validator(mode="after")
     def _trainable_layers_of_a_pretrained_backbone(self) -> Self:
