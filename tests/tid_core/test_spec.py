@@ -161,11 +161,12 @@ def test_trainable_backbone_layers_go_with_backbone_weights_within_the_backbones
     message = rejection(
         spec(student__weights_backbone=weights, student__trainable_backbone_layers=7)
     )
-    assert "student.trainable_backbone_layers" in message and "less than or equal to 6" in message
+    field = "student.trainable_backbone_layers"
+    assert field in message and "less than or equal to 6" in message
     message = rejection(
         spec(student__weights_backbone=weights, student__trainable_backbone_layers=-1)
     )
-    assert "student.trainable_backbone_layers" in message and "greater than or equal to 0" in message
+    assert field in message and "greater than or equal to 0" in message
     resnet = {"backbone": "resnet18", "weights_backbone": weights, "trainable_backbone_layers": 6}
     assert "6 is not in 0..5, the stages of resnet18" in rejection(spec(student=resnet))
     assert "only with weights_backbone" in rejection(spec(student__trainable_backbone_layers=2))
