@@ -117,7 +117,7 @@ class StudentSpec(ModelSpec):
                 "scratch trains all of its layers)"
             )
         stages = BACKBONE_STAGES[self.backbone]
-        if not 0 <= layers <= stages:
+        if layers > stages:
             raise ValueError(
                 f"trainable_backbone_layers: {layers} is not in 0..{stages}, the stages of "
                 f"{self.backbone}"
