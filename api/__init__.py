@@ -1,5 +1,6 @@
-"""The TID job service's API side: settings, database, REST app and the `tid` CLI.
+"""The HTTP app: REST routes, schemas, problem+json errors, the dashboard and /metrics.
 
-Never imports torch (a test asserts it): the API validates specs with `tid_core.spec` and
-enqueues work by task name.
+Validates specs with the torch-free `tid_core.spec` and hands work to the workers through
+`store.queue` by task name; it never imports torch, `worker` or the rest of `tid_core`
+(import-linter contracts in pyproject.toml).
 """

@@ -16,10 +16,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import dashboard, metrics, problems
-from api.db.migrate import check_migrated
-from api.queue import make_celery
 from api.routes import datasets, health, jobs, models
-from api.settings import Settings, get_settings
+from store.db.migrate import check_migrated
+from store.queue import make_celery
+from store.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 

@@ -10,18 +10,18 @@ on every request.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 from fastapi import Depends, Path, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import Dataset, Job, Model
-from api.db.session import session_scope
-from api.keys import verify_key
 from api.problems import NotFound, Unauthorized
-from api.settings import Settings
+from store.db.owned import Owned, find_owned
+from store.db.session import session_scope
+from store.keys import verify_key
+from store.settings import Settings
 
 
 async def app_settings(request: Request) -> Settings:
@@ -64,15 +64,6 @@ CurrentOwner = Annotated[str, Depends(get_current_owner)]
 # A resource id in the URL (ours are 32 hex characters): anything else is a 422, not a lookup,
 # so no NUL byte or megabyte-long string ever reaches the database driver.
 IdPath = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_\-]+$")]
-
-
-Owned = TypeVar("Owned", Job, Dataset, Model)
-
-
-def find_owned(session: Session, table: type[Owned], row_id: str, *, owner: str) -> Owned | None:
-    """The row if it exists and belongs to `owner`: another owner's row is as good as absent."""
-    row = session.get(table, row_id)
-    return row if row is not None and row.owner == owner else None
 
 
 def get_owned(session: Session, table: type[Owned], row_id: str, *, owner: str) -> Owned:

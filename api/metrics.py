@@ -28,9 +28,9 @@ from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
 from sqlalchemy import func, select
 
-from api.db.models import FINAL_STATES, JOB_STATES, Job, utcnow
-from api.db.session import TRANSIENT_ERRORS, session_scope
-from api.settings import Settings
+from store.db.models import FINAL_STATES, JOB_STATES, Job, utcnow
+from store.db.session import TRANSIENT_ERRORS, session_scope
+from store.settings import Settings
 
 log = logging.getLogger(__name__)
 

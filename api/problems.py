@@ -16,11 +16,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
+from pydantic.config import JsonDict
+from pydantic.json_schema import SkipJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from api.db.session import TRANSIENT_ERRORS
+from store.db.session import TRANSIENT_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,24 @@ class Unavailable(ProblemError):
     status = 503
 
 
+def _no_null_default(schema: JsonDict) -> None:
+    """Optional keys are left out, never sent as null (`exclude_none`), so the schema documents
+    neither null (SkipJsonSchema) nor a null default: generated clients type them `T | Unset`."""
+    del schema["default"]
+
+
+_ABSENT = Field(default=None, json_schema_extra=_no_null_default)  # with `T | SkipJsonSchema[None]`
+
+
+class ProblemFieldError(BaseModel):
+    """Where in the request one error is (`loc`: ["body", "student", ...]), so a client can
+    point at the field; a named model, because generated clients drop free-form objects."""
+
+    loc: list[str | int]
+    msg: str
+    type: str | SkipJsonSchema[None] = _ABSENT  # pydantic's error type; absent on domain errors
+
+
 class Problem(BaseModel):
     """The body of every error response (RFC 9457), as the OpenAPI schema documents it."""
 
@@ -100,10 +120,21 @@ class Problem(BaseModel):
     status: int
     detail: str
     instance: str
-    errors: list[dict[str, Any]] | None = None  # where in the request, for 422s: loc, msg, type
+    errors: list[ProblemFieldError] | SkipJsonSchema[None] = _ABSENT  # 422s, domain errors
 
 
-_PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": Problem.model_json_schema()}}
+_COMPONENTS = "#/components/schemas/"
+
+
+def _component_schemas() -> dict[str, Any]:
+    """`Problem` and its `errors` item as OpenAPI components: responses `$ref` the one schema, so
+    a client generator makes one `Problem` model (inlined, it named a model per operation and
+    dropped the responses whose names clashed)."""
+    schema = Problem.model_json_schema(ref_template=f"{_COMPONENTS}{{model}}")
+    return {**schema.pop("$defs"), "Problem": schema}
+
+
+_PROBLEM_CONTENT = {PROBLEM_JSON: {"schema": {"$ref": f"{_COMPONENTS}Problem"}}}
 _HEADERS: dict[int, dict[str, Any]] = {
     401: {"WWW-Authenticate": {"schema": {"type": "string"}}},
     416: {"Content-Range": {"schema": {"type": "string"}}},
@@ -128,7 +159,7 @@ def problem_response(
     status: int,
     detail: str,
     instance: str,
-    errors: list[dict[str, Any]] | None = None,
+    errors: list[ProblemFieldError] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """A problem+json response; `type` is about:blank, so `title` is the HTTP status phrase."""
@@ -150,7 +181,7 @@ def problem_response(
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ProblemError)
-    errors = [{"loc": list(exc.loc), "msg": exc.detail}] if exc.loc is not None else None
+    errors = [ProblemFieldError(loc=list(exc.loc), msg=exc.detail)] if exc.loc is not None else None
     return problem_response(
         status=exc.status,
         detail=exc.detail,
@@ -190,8 +221,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """422 with every pydantic error's location and message (malformed JSON included)."""
     assert isinstance(exc, RequestValidationError)
-    errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-    lines = [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:MAX_DETAIL_ERRORS]]
+    errors = [
+        ProblemFieldError(loc=list(e["loc"]), msg=e["msg"], type=e["type"]) for e in exc.errors()
+    ]
+    lines = [f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors[:MAX_DETAIL_ERRORS]]
     more = len(errors) - len(lines)
     detail = "; ".join(lines) + (f" (and {more} more)" if more > 0 else "")
     return problem_response(status=422, detail=detail, instance=request.url.path, errors=errors)
@@ -216,7 +249,20 @@ async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _document_problems(app: FastAPI) -> None:
+    """Add the schemas that `responses` refers to: FastAPI lists only the models of routes."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = build()  # cached by FastAPI, so the components are added to the one it serves
+        schema.setdefault("components", {}).setdefault("schemas", {}).update(_component_schemas())
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]  # FastAPI's documented extension point
+
+
 def install(app: FastAPI) -> None:
+    _document_problems(app)
     app.add_exception_handler(ProblemError, _domain_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.db.models import FINAL_STATES, Job
 from api.problems import TooManyRequests
-from api.settings import Settings
+from store.db.models import FINAL_STATES, Job
+from store.settings import Settings
 
 RETRY_AFTER_SECONDS = 60  # jobs run for minutes: asking again sooner only adds load
 

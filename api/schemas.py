@@ -88,7 +88,7 @@ class CheckpointsPublic(BaseModel):
 
 
 class BuiltinDatasetCreate(BuiltinDataset):
-    """Generate the synthetic shapes dataset (same bounds as a job's builtin dataset)."""
+    """Generate a builtin dataset, `shapes` or `scenes` (same bounds as a job's builtin dataset)."""
 
     model_config = ConfigDict(strict=True)  # `false` is not a seed, nor `"16"` a count
     name: Name

@@ -44,8 +44,8 @@ from tid_core.checkpoint import sha256_file
 from tid_core.data.coco import CocoDetection, build_loader
 from tid_core.data.synthetic import generate_shapes
 from tid_core.demo import run_job
+from tid_core.distill.distiller import build_models
 from tid_core.spec import JobSpec, PathDataset
-from tid_core.train import build_models
 
 METRICS = recipes.METRICS
 # the student's distillation block per method; loss weights are the spec's defaults unless

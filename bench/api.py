@@ -403,13 +403,13 @@ def submit_to_running(service: str, key: str, *, runs: int) -> list[dict[str, fl
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp, processes(Path(tmp)) as procs:
-        procs.run("-m", "api.cli", "db", "upgrade")
-        key = procs.run("-m", "api.cli", "keys", "create", "--owner", "bench").split()[-1]
+        procs.run("-m", "cli.main", "db", "upgrade")
+        key = procs.run("-m", "cli.main", "keys", "create", "--owner", "bench").split()[-1]
         service = serve(procs, "api", "api.app:create_app")
         bare = serve(procs, "bare", "bench.api:create_bare_app")
         samples: list[dict[str, float]] = []
         if args.latency_runs:  # first, so the worker never sees the load's queued jobs
-            procs.start("worker", "-m", "api.cli", "worker")
+            procs.start("worker", "-m", "cli.main", "worker")
             wait_worker_ready(procs, "worker")
             samples = submit_to_running(service.url, key, runs=args.latency_runs)
             procs.stop("worker")

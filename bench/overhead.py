@@ -31,10 +31,10 @@ from tid_core.data.coco import CocoDetection, collate_detection
 from tid_core.data.synthetic import generate_shapes
 from tid_core.distill.capture import Detector, teacher_forward
 from tid_core.distill.distiller import Distiller
+from tid_core.distill.methods import DISTILL_METHODS
 from tid_core.engine import StopFlag, autocast, train_one_epoch
 from tid_core.models import build_detector
 from tid_core.spec import DistillSpec, Method
-from tid_core.train import build_distill_loss
 
 Batch = tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]
 
@@ -171,7 +171,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "teacher_fwd": make_teacher_pass(alone, teacher, batch, device, args.amp),
     }
     for method in METHODS:  # each method with the spec's default options
-        loss = build_distill_loss(DistillSpec(method=method))
+        loss = DISTILL_METHODS[method](DistillSpec(method=method))
         distiller = Distiller(student(), teacher=teacher, loss=loss).to(device)
         runners[method] = make_stepper(distiller, batch, device, args.amp)
     for run in runners.values():  # warm-up: allocator, cudnn autotuning, first-call costs

@@ -12,6 +12,8 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY tid_core ./tid_core
 COPY api ./api
+COPY store ./store
+COPY cli ./cli
 COPY worker ./worker
 RUN python -m pip install --quiet --upgrade pip \
  && python -m pip install --quiet ".[core,service]"

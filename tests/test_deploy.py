@@ -19,8 +19,8 @@ import pytest
 import yaml
 from typer.main import get_command
 
-from api.cli import app as cli_app
-from api.settings import Settings
+from cli.main import app as cli_app
+from store.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -142,11 +142,11 @@ def test_the_installed_package_carries_its_migrations_and_dashboard(tmp_path: Pa
     (wheel,) = tmp_path.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in (
-        "api/db/migrations/env.py",
+        "store/db/migrations/env.py",
         "api/static/index.html",
         "api/static/app.js",
         "api/static/vendor/uplot/uPlot.iife.min.js",
     ):
         assert path in names, path
-    versions = {p.name for p in (ROOT / "api/db/migrations/versions").glob("*.py")}
-    assert {f"api/db/migrations/versions/{v}" for v in versions} <= names
+    versions = {p.name for p in (ROOT / "store/db/migrations/versions").glob("*.py")}
+    assert {f"store/db/migrations/versions/{v}" for v in versions} <= names

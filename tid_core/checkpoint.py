@@ -1,9 +1,11 @@
-"""Full training checkpoints (for resume), written atomically; the student export lives in models.
+"""Training checkpoints of a run dir (for resume), written atomically; the student export lives
+in models.
 
 A checkpoint is a dict of state_dicts (distiller = student + adapters, optimizer, scheduler,
-scaler) plus epoch, step and RNG states. It is written to a temporary file in the same folder,
-fsynced, then renamed over `last.pt`, so a crash or a full disk never leaves a torn file: the
-previous checkpoint stays until the new one is complete.
+scaler) plus the progress, RNG states and the spec's hash. It is written to a temporary file in
+the same folder, fsynced, then renamed over `last.pt`, so a crash or a full disk never leaves a
+torn file: the previous checkpoint stays until the new one is complete. Each epoch's end also
+keeps an immutable copy, `epoch_NNNN.pt`, the last KEEP_EPOCH_CHECKPOINTS of them.
 """
 
 from __future__ import annotations
@@ -11,11 +13,117 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
+
+KEEP_EPOCH_CHECKPOINTS = 2
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, run dir not writable); the previous one
+    is intact because writes are atomic."""
+
+
+@dataclass
+class Progress:
+    """Where the schedule stands: `epoch` is the current one, `batch` batches of it are done;
+    `eval_due` says the evaluation of the epoch just finished has not completed yet."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    eval_due: bool = False
+
+
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and a resume restores. `model` is the distiller itself, not
+    its DDP wrapper, so the keys do not depend on the world size."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    progress: Progress = field(default_factory=Progress)
+
+
+@dataclass(frozen=True)
+class SavedCheckpoint:
+    """A written checkpoint file, in the fields of the `checkpoint` event that reports it."""
+
+    path: str  # relative to the run dir
+    bytes: int
+    sha256: str
+
+
+class CheckpointDir:
+    """`checkpoints/` of a run dir: `last.pt`, which a resume reads, and the epoch copies (hard
+    links to an epoch's `last.pt`: no extra bytes until `last.pt` is replaced). Checkpoints of
+    another spec are refused: the spec's hash is saved in each and checked on resume."""
+
+    def __init__(self, run_dir: Path, spec_hash: str) -> None:
+        self.run_dir = run_dir
+        self.folder = run_dir / "checkpoints"
+        self.last = self.folder / "last.pt"
+        self.spec_hash = spec_hash
+
+    def remove_partial_writes(self) -> None:
+        """Delete a killed writer's temporary files; only while holding the run dir's lock."""
+        for stale in self.folder.glob(".*.tmp.*"):
+            stale.unlink()
+
+    def save(self, state: TrainingState, *, epoch_end: bool) -> SavedCheckpoint:
+        """Replace `last.pt` with `state` (and, at an epoch's end, keep a copy of it)."""
+        p = state.progress
+        obj = {
+            "model": state.model.state_dict(),
+            "optimizer": state.optimizer.state_dict(),
+            "scheduler": state.scheduler.state_dict(),
+            "scaler": state.scaler.state_dict(),
+            "rng": rng_state(),
+            "progress": asdict(p),
+            "spec_hash": self.spec_hash,
+        }
+        try:
+            size = save_atomic(obj, self.last)
+        except OSError as exc:
+            raise CheckpointWriteError(
+                exc.errno,
+                f"cannot write checkpoint {self.last} at step {p.step}: "
+                f"{exc.strerror or exc} (disk full or run dir not writable?); "
+                "the previous checkpoint is kept",
+            ) from exc
+        path = self.last
+        if epoch_end:
+            path = self.folder / f"epoch_{p.epoch:04d}.pt"
+            path.unlink(missing_ok=True)
+            os.link(self.last, path)
+            for old in sorted(self.folder.glob("epoch_*.pt"))[:-KEEP_EPOCH_CHECKPOINTS]:
+                old.unlink()
+        return SavedCheckpoint(str(path.relative_to(self.run_dir)), size, sha256_file(path))
+
+    def resume(self, state: TrainingState) -> bool:
+        """Load `last.pt` into `state`; False when there is none yet."""
+        ckpt = load_checkpoint(self.last)
+        if ckpt is None:
+            return False
+        if ckpt["spec_hash"] != self.spec_hash:
+            raise ValueError(
+                f"{self.last} was written for another spec "
+                f"({ckpt['spec_hash'][:12]} != {self.spec_hash[:12]}); use a new run dir"
+            )
+        state.model.load_state_dict(ckpt["model"])
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+        state.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        state.progress = Progress(**ckpt["progress"])
+        return True
 
 
 def save_atomic(obj: dict[str, Any], path: Path) -> int:

@@ -29,22 +29,9 @@ def job_specs(
 ) -> dict[str, dict[str, Any]]:
     """The demo's jobs, by name: the teacher first, then one student per method."""
     dataset = {"path": str(data), "input_size": recipe.image_size}
-    specs: dict[str, dict[str, Any]] = {
-        "teacher": {
-            "name": "demo-teacher",
-            **recipe.job(recipe.teacher, dataset, recipe.teacher_epochs),
-        }
-    }
-    for method in ("none", "fitnet", "tid"):
-        spec: dict[str, Any] = {
-            "name": f"demo-student-{method}",
-            **recipe.job(recipe.student, dataset, recipe.student_epochs),
-            "distill": {"method": method},
-        }
-        if method != "none":
-            spec["teacher"] = {**recipe.teacher, "weights": {"path": str(teacher_weights)}}
-        specs[method] = spec
-    return specs
+    weights = {"path": str(teacher_weights)}
+    students = {m: recipe.student_spec(dataset, m, weights) for m in ("none", "fitnet", "tid")}
+    return {"teacher": recipe.teacher_spec(dataset), **students}
 
 
 def run_job(

@@ -41,6 +41,17 @@ def is_main_process() -> bool:
     return get_rank() == 0
 
 
+def pick_device(choice: str) -> torch.device:
+    """This rank's device for `resources.device` ("auto", "cpu" or "cuda"): under torchrun,
+    the GPU of its local rank, made the current one."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError('resources.device is "cuda" but no CUDA device is available')
+    if choice == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank())
+    return torch.device("cuda", local_rank())
+
+
 def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """Mean over ranks (a copy); identity in a single process."""
     out = values.detach().clone()

@@ -47,7 +47,8 @@ def distill_ramp(step: int, *, loss_weight: float, warmup_iters: int) -> float:
 
 
 class StopRequested(Exception):
-    """SIGTERM/SIGINT arrived during evaluation: the evaluation is abandoned (all ranks agree)."""
+    """SIGTERM/SIGINT stopped the run (all ranks agree): an evaluation is abandoned, training
+    stops after the step's checkpoint."""
 
 
 class StopFlag:

@@ -30,6 +30,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from tid_core.checkpoint import sha256_file
 from tid_core.spec import ARCHS, TRAINABLE_BACKBONE_LAYERS
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -165,6 +166,17 @@ def save_weights(model: nn.Module, meta: DetectorMeta, path: Path) -> None:
     else:
         torch.save({"state_dict": state, "metadata": meta.to_strings()}, tmp)
     tmp.replace(path)
+
+
+def export_student(model: nn.Module, meta: DetectorMeta, folder: Path) -> dict[str, Any]:
+    """Write `student.pt` and `student.safetensors` into `folder`; each file's size and SHA-256
+    by name, so a copy can be checked against the run's `end` event."""
+    artifacts = {}
+    for name in ("student.pt", "student.safetensors"):
+        path = folder / name
+        save_weights(model, meta, path)
+        artifacts[name] = {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return artifacts
 
 
 def read_weights(path: Path) -> tuple[dict[str, torch.Tensor], DetectorMeta | None]:

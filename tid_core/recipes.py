@@ -37,6 +37,24 @@ class Recipe:
             "resources": RESOURCES,
         }
 
+    def teacher_spec(self, dataset: dict[str, Any]) -> dict[str, Any]:
+        """The teacher's job: plain training of the larger model for the teacher's budget."""
+        return {"name": "demo-teacher", **self.job(self.teacher, dataset, self.teacher_epochs)}
+
+    def student_spec(
+        self, dataset: dict[str, Any], method: str, teacher_weights: dict[str, str]
+    ) -> dict[str, Any]:
+        """A student's job under `method` (`none`: trained alone, no teacher), the teacher
+        read from `teacher_weights` (a spec weights block: a path, or a service job id)."""
+        spec: dict[str, Any] = {
+            "name": f"demo-student-{method}",
+            **self.job(self.student, dataset, self.student_epochs),
+            "distill": {"method": method},
+        }
+        if method != "none":
+            spec["teacher"] = {**self.teacher, "weights": teacher_weights}
+        return spec
+
     def schedule(self, num_epochs: int) -> dict[str, Any]:
         return {
             "epochs": num_epochs,

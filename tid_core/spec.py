@@ -146,10 +146,15 @@ class PathDataset(_Strict):
     val_split: SplitName = _omitted_at_default(VAL_SPLIT)
 
 
-class BuiltinDataset(_Strict):
-    """The synthetic shapes generator (no download needed)."""
+BuiltinName = Literal["shapes", "scenes"]
 
-    builtin: Literal["shapes"]
+
+class BuiltinDataset(_Strict):
+    """A generated dataset, nothing downloaded: `shapes` (5 classes over gradients: quick, for
+    tests and demos) or `scenes` (12 classes in confusable pairs over photographs: harder, for
+    measuring what distillation adds)."""
+
+    builtin: BuiltinName
     num_train: int = Field(default=512, ge=1, le=100_000)
     num_val: int = Field(default=128, ge=1, le=20_000)
     image_size: int = Field(default=128, ge=32, le=1024, multiple_of=32)

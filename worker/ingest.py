@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import CursorResult, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import Artifact, Base, Checkpoint, Evaluation, Job, JobEvent, Metric
+from store.db.models import Artifact, Base, Checkpoint, Evaluation, Job, JobEvent, Metric
 
 log = logging.getLogger(__name__)
 

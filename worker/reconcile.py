@@ -11,11 +11,11 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-from api.db import transitions
-from api.db.models import utcnow
-from api.db.session import session_scope
-from api.queue import RUN_JOB, send
-from api.settings import Settings
+from store.db import transitions
+from store.db.models import utcnow
+from store.db.session import session_scope
+from store.queue import RUN_JOB, enqueue
+from store.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -23,15 +23,7 @@ log = logging.getLogger(__name__)
 def _send_all(settings: Settings, job_ids: list[str]) -> int:
     """Send RUN_JOB for each job; a failed send is retried by a later pass (the job stays
     queued and turns stale), so it is logged rather than allowed to stop this pass."""
-    sent = 0
-    for job_id in job_ids:
-        try:
-            send(settings, RUN_JOB, job_id)
-        except Exception:  # kombu's connection errors have no common base worth naming
-            log.exception("job %s: could not send %s; a later pass retries", job_id, RUN_JOB)
-        else:
-            sent += 1
-    return sent
+    return sum(enqueue(settings, RUN_JOB, job_id) for job_id in job_ids)
 
 
 def reconcile(*, settings: Settings) -> dict[str, int]:

@@ -7,70 +7,78 @@ another host resolves against the same shared volume.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from sqlalchemy.orm import Session
 
-from api.db.models import Dataset, Job, Model
-from api.settings import Settings
-from tid_core.spec import JobSpec
+from store.db.models import Dataset, Job, Model
+from store.db.owned import Owned, find_owned
+from store.settings import Settings
+from tid_core.spec import (
+    IdDataset,
+    JobSpec,
+    JobWeights,
+    ModelWeights,
+    PathDataset,
+    PathWeights,
+    Weights,
+)
 
+Ready = TypeVar("Ready", Dataset, Model)
 STUDENT_WEIGHTS = "student.safetensors"  # a finished job's export, read as weights by later jobs
-
-Row = TypeVar("Row", Dataset, Model, Job)
 
 
 class ResolveError(ValueError):
     """The spec names a dataset or model this job cannot use; the job fails with this message."""
 
 
-def _owned(session: Session, kind: type[Row], id_: str, *, job: Job, what: str) -> Row:
-    """The row, only if the job's owner owns it: another owner's resource does not exist."""
-    row = session.get(kind, id_)
-    if row is None or row.owner != job.owner:
-        raise ResolveError(f"{what} {id_!r} not found")
+def _owned(session: Session, table: type[Owned], row_id: str, *, job: Job) -> Owned:
+    row = find_owned(session, table, row_id, owner=job.owner)
+    if row is None:
+        raise ResolveError(f"{table.__name__.lower()} {row_id!r} not found")
     return row
 
 
-def resolve_spec(session: Session, job: Job, settings: Settings) -> dict[str, Any]:
+def _ready(session: Session, table: type[Ready], row_id: str, *, job: Job) -> Ready:
+    row = _owned(session, table, row_id, job=job)
+    if row.state != "ready":
+        raise ResolveError(f"{table.__name__.lower()} {row.id!r} is {row.state}, not ready")
+    return row
+
+
+def resolve_spec(session: Session, job: Job, settings: Settings) -> JobSpec:
     """The job's spec with `{"id"}` datasets and `{"job"}` / `{"model"}` weights as paths.
 
     Raises ResolveError (a ValueError) when a referenced dataset or model is missing or not
     ready. A source job is not checked beyond existing: if it left no student file, the trainer
     fails naming the missing file, which says more than a state would.
     """
-    spec = JobSpec.model_validate(job.spec).model_dump(mode="json")
-    dataset = spec["dataset"]
-    if "id" in dataset:
-        ds = _owned(session, Dataset, dataset["id"], job=job, what="dataset")
-        if ds.state != "ready":
-            raise ResolveError(f"dataset {ds.id!r} is {ds.state}, not ready")
-        train_split, val_split = ds.splits()
-        spec["dataset"] = {
-            "path": ds.path,
-            "input_size": dataset["input_size"],
-            "train_split": train_split,
-            "val_split": val_split,
-        }
-    if spec["student"].get("weights_backbone") is not None:
-        weights = spec["student"]["weights_backbone"]
-        spec["student"]["weights_backbone"] = _weights_path(session, job, settings, weights)
-    if spec["teacher"] is not None:
-        weights = spec["teacher"]["weights"]
-        spec["teacher"]["weights"] = _weights_path(session, job, settings, weights)
-    return JobSpec.model_validate(spec).model_dump(mode="json")
+    spec = JobSpec.model_validate(job.spec)
+    dataset, student, teacher = spec.dataset, spec.student, spec.teacher
+    if isinstance(dataset, IdDataset):
+        row = _ready(session, Dataset, dataset.id, job=job)
+        train_split, val_split = row.splits()
+        dataset = PathDataset(
+            path=row.path,
+            input_size=dataset.input_size,
+            train_split=train_split,
+            val_split=val_split,
+        )
+    if student.weights_backbone is not None:
+        weights = _weights_path(session, job, settings, student.weights_backbone)
+        student = student.model_copy(update={"weights_backbone": weights})
+    if teacher is not None:
+        teacher = teacher.model_copy(
+            update={"weights": _weights_path(session, job, settings, teacher.weights)}
+        )
+    return spec.model_copy(update={"dataset": dataset, "student": student, "teacher": teacher})
 
 
-def _weights_path(
-    session: Session, job: Job, settings: Settings, weights: dict[str, str]
-) -> dict[str, str]:
+def _weights_path(session: Session, job: Job, settings: Settings, weights: Weights) -> Weights:
     """`{"job"}` / `{"model"}` weights as `{"path"}`."""
-    if "job" in weights:
-        source = _owned(session, Job, weights["job"], job=job, what="job")
-        return {"path": str(settings.jobs_dir / source.id / STUDENT_WEIGHTS)}
-    if "model" in weights:
-        model = _owned(session, Model, weights["model"], job=job, what="model")
-        if model.state != "ready":
-            raise ResolveError(f"model {model.id!r} is {model.state}, not ready")
-        return {"path": model.path}
+    if isinstance(weights, JobWeights):
+        source = _owned(session, Job, weights.job, job=job)
+        return PathWeights(path=str(settings.jobs_dir / source.id / STUDENT_WEIGHTS))
+    if isinstance(weights, ModelWeights):
+        return PathWeights(path=_ready(session, Model, weights.model, job=job).path)
     return weights

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import update
 
-from api.db.models import Dataset, Model
-from api.db.session import session_scope
-from api.settings import Settings
-from tid_core.data.synthetic import generate_shapes
+from store.db.models import Dataset, Model
+from store.db.session import session_scope
+from store.settings import Settings
+from tid_core.data.builtin import generate_builtin
 from tid_core.spec import BuiltinDataset
 
 if TYPE_CHECKING:
@@ -81,14 +81,7 @@ def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
     try:
         root = Path(row.path)
         if row.kind == "builtin":
-            shapes = BuiltinDataset.model_validate(row.source)
-            generate_shapes(
-                root,
-                num_train=shapes.num_train,
-                num_val=shapes.num_val,
-                image_size=shapes.image_size,
-                seed=shapes.seed,
-            )
+            generate_builtin(BuiltinDataset.model_validate(row.source), root)
         # a registered folder may link into the other allowed roots; the others stay inside
         allowed = [root.resolve()]
         if row.kind == "path":

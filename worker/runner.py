@@ -21,17 +21,17 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from sqlalchemy import desc, select
 
-from api.db import transitions
-from api.db.models import Job, JobEvent, utcnow
-from api.db.session import TRANSIENT_ERRORS, session_scope
-from api.dispatch import enqueue
-from api.queue import RUN_JOB
-from api.settings import Settings
+from store.db import transitions
+from store.db.models import Job, JobEvent, utcnow
+from store.db.session import TRANSIENT_ERRORS, session_scope
+from store.queue import RUN_JOB, enqueue
+from store.settings import Settings
 from tid_core.launch import terminate_with_parent, torchrun_command
+from tid_core.spec import JobSpec
 from worker.ingest import ingest_events
 from worker.resolve import resolve_spec
 
@@ -104,14 +104,14 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     _conclude(run, proc.returncode, stop)
 
 
-def _start(run: _Run, spec: dict[str, Any]) -> subprocess.Popen[bytes]:
+def _start(run: _Run, spec: JobSpec) -> subprocess.Popen[bytes]:
     """torchrun in a new session (its own process group), output appended to train.log."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run.run_dir / "spec.json"
     tmp = spec_path.with_name("spec.json.tmp")
-    tmp.write_text(json.dumps(spec, indent=2) + "\n")
+    tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
     tmp.replace(spec_path)
-    nproc = int(spec["resources"]["nproc_per_node"])
+    nproc = spec.resources.nproc_per_node
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     # spin-waiting OpenMP threads stall CPU training by up to 6x when the cores are shared

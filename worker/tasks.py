@@ -11,19 +11,22 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from api.db.session import TRANSIENT_ERRORS
-from api.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB
-from api.settings import get_settings
+from celery import shared_task
+
+from store.db.session import TRANSIENT_ERRORS
+from store.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB
+from store.settings import get_settings
 from worker import resources, runner
-from worker.celery_app import app, shutdown_event
+from worker.shutdown import shutdown_event
 
 log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _task(name: str) -> Callable[[F], F]:
-    """`app.task` with retries for transient database errors (typed: celery has no stubs)."""
-    decorator: Callable[[F], F] = app.task(
+    """A task of every Celery app built here (`shared_task`), retried on transient database
+    errors (typed: celery has no stubs)."""
+    decorator: Callable[[F], F] = shared_task(
         name=name,
         autoretry_for=TRANSIENT_ERRORS,
         retry_backoff=2,

@@ -9,13 +9,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile
 
-from api.db.models import Dataset, new_id
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
-from api.dispatch import commit_and_enqueue
 from api.problems import responses
-from api.queue import PREPARE_DATASET
 from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
 from api.storage import extract_dataset_zip, resolve_under_roots
+from store.db.models import Dataset, new_id
+from store.queue import PREPARE_DATASET, commit_and_enqueue
 from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT, Name, SplitName
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=responses(401, 422))
@@ -35,8 +34,8 @@ def create_dataset(
     body: DatasetCreate,
     response: Response,
 ) -> DatasetPublic:
-    """`{"name", "builtin": "shapes", ...}` generates it; `{"name", "path"}` registers a folder
-    under one of the allowed roots."""
+    """`{"name", "builtin": "shapes" | "scenes", ...}` generates it; `{"name", "path"}`
+    registers a folder under one of the allowed roots."""
     dataset_id = new_id()
     if isinstance(body, BuiltinDatasetCreate):
         kind, path = "builtin", settings.datasets_dir / dataset_id

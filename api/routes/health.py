@@ -11,11 +11,11 @@ from fastapi import APIRouter
 from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
-from api.db.session import get_engine
 from api.deps import SettingsDep
 from api.problems import Unavailable, responses
 from api.schemas import Health
-from api.settings import Settings
+from store.db.session import get_engine
+from store.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,21 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.db.models import (
+from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
+from api.problems import Conflict, NotFound, Unprocessable, responses
+from api.quota import check_active_jobs
+from api.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    EvaluationPublic,
+    JobPublic,
+    JobsPublic,
+    MetricPoint,
+    MetricsPublic,
+)
+from api.spec_references import checked_spec
+from api.storage import check_range, etag_matches, tail_lines
+from store.db.models import (
     FINAL_STATES,
     JOB_STATES,
     Artifact,
@@ -30,25 +44,10 @@ from api.db.models import (
     JobEvent,
     Metric,
 )
-from api.db.session import session_scope
-from api.db.transitions import request_cancel
-from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
-from api.dispatch import enqueue
-from api.problems import Conflict, NotFound, Unprocessable, responses
-from api.queue import RUN_JOB
-from api.quota import check_active_jobs
-from api.references import checked_spec
-from api.schemas import (
-    CheckpointPublic,
-    CheckpointsPublic,
-    EvaluationPublic,
-    JobPublic,
-    JobsPublic,
-    MetricPoint,
-    MetricsPublic,
-)
-from api.settings import Settings
-from api.storage import check_range, etag_matches, tail_lines
+from store.db.session import session_scope
+from store.db.transitions import request_cancel
+from store.queue import RUN_JOB, enqueue
+from store.settings import Settings
 from tid_core.spec import JobSpec
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=responses(401, 422))

@@ -11,13 +11,12 @@ from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile
 
-from api.db.models import Model, new_id
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
-from api.dispatch import commit_and_enqueue
 from api.problems import Unprocessable, responses
-from api.queue import CHECK_MODEL
 from api.schemas import ModelPublic, ModelsPublic
 from api.storage import save_upload
+from store.db.models import Model, new_id
+from store.queue import CHECK_MODEL, commit_and_enqueue
 from tid_core.spec import Name
 
 router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(401, 422))

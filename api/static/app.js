@@ -94,15 +94,44 @@ async function followEvents(jobId, onEvent, signal) {
   }
 }
 
-// A uPlot chart whose series grow; `data-points` tells tests (and curious people) its size.
+// Tick labels for small values such as learning rates (uPlot's default keeps 3 decimals, so
+// 0.0015 and 0.002 both read "0.002"): scientific notation with the fewest significant digits
+// that write every tick exactly enough for the spacing between ticks (so they differ), trailing
+// zeros trimmed: 5e-4, 1e-3, 1.5e-3, 2e-3.
+function sciTicks(splits) {
+  const shown = splits.filter((v) => v !== null && v !== undefined);
+  let gap = Infinity;
+  for (let i = 1; i < shown.length; i++) gap = Math.min(gap, Math.abs(shown[i] - shown[i - 1]));
+  const label = (v, digits) => (v === 0 ? "0"
+    : v.toExponential(digits).replace(/\.?0+e/, "e").replace("e+", "e"));
+  let digits = 0;
+  while (digits < 15 && !shown.every((v) => Math.abs(Number(label(v, digits)) - v) <= gap * 1e-3)) {
+    digits++;
+  }
+  return splits.map((v) => (v === null || v === undefined ? v : label(v, digits)));
+}
+
+// An axis as wide as its longest tick label (uPlot's y axis is a fixed 50 px).
+function fitAxis(u, values, axisIdx, cycleNum) {
+  const axis = u.axes[axisIdx];
+  if (cycleNum > 1) return axis._size;
+  const longest = (values || []).map(String).reduce((a, v) => (v.length > a.length ? v : a), "");
+  u.ctx.font = axis.font[0];
+  const text = longest ? u.ctx.measureText(longest).width / devicePixelRatio : 0;
+  return Math.max(50, Math.ceil(axis.ticks.size + axis.gap + text + 4));
+}
+
+// A uPlot chart whose series grow; `data-points` tells tests (and curious people) its size and,
+// with a `yTicks` format, `data-y-ticks` the y tick labels last drawn (a canvas hides them).
 class Chart {
-  constructor(parent, title, { xLabel = "step", log = false } = {}) {
+  constructor(parent, title, { xLabel = "step", log = false, yTicks = null } = {}) {
     this.box = el("div", { class: "card chart", "data-title": title, "data-points": "0" },
       el("h2", {}, title));
     this.box.hidden = true;  // until it has a point: a plain-training job has no TID terms
     parent.append(this.box);
     this.xLabel = xLabel;
     this.log = log;
+    this.yTicks = yTicks;  // (splits) -> labels, or null for uPlot's own format
     this.names = [];
     this.rows = new Map();  // x -> {name: y}
     this.plot = null;
@@ -131,10 +160,15 @@ class Chart {
     const xs = [...this.rows.keys()].sort((a, b) => a - b);
     const data = [xs, ...this.names.map((n) => xs.map((x) => this.rows.get(x)[n] ?? null))];
     if (!this.plot) {
+      const y = !this.yTicks ? {} : { size: fitAxis, values: (u, splits) => {
+        const labels = this.yTicks(splits);
+        this.box.dataset.yTicks = JSON.stringify(labels.filter((v) => v != null));
+        return labels;
+      } };
       this.plot = new uPlot({
         ...this.size(),
         scales: { x: { time: false }, y: this.log ? { distr: 3 } : {} },
-        axes: [{ label: this.xLabel }, {}],
+        axes: [{ label: this.xLabel }, y],
         series: [{ label: this.xLabel }, ...this.names.map((n, i) => ({
           label: n, stroke: PALETTE[i % PALETTE.length], width: 1.5, spanGaps: true,
           points: { show: xs.length < 60 },
@@ -144,6 +178,62 @@ class Chart {
       this.plot.setData(data);
     }
     this.box.dataset.points = String(xs.length);
+  }
+}
+
+// The ETA `tid watch` shows (cli/terminal.py's Follower, rich's TimeRemainingColumn): the pace
+// is the steps of the step events that arrive while the page is open, over the last 30 s of
+// them; the stream's opening burst of history (the attempt running on arrival, up to the step
+// it was at, and earlier attempts) would read as a pace of seconds, so it does not count. A
+// later attempt's `start` (maybe resumed from a checkpoint) begins the pace anew.
+class Eta {
+  static WINDOW_MS = 30_000;  // rich's speed_estimate_period
+
+  constructor(job) {
+    this.attempt = job.attempt || 0;
+    this.attachedAt = job.step || 0;
+    this.total = job.total_steps ?? null;
+    this.completed = this.attachedAt;
+    this.samples = [];  // [arrival ms, steps since the previous sample]
+  }
+
+  live(data) {  // a `start` or `step` event that is news rather than replayed history
+    const attempt = data.attempt ?? this.attempt;
+    if (attempt !== this.attempt) return attempt > this.attempt;
+    return data.step >= this.attachedAt;
+  }
+
+  apply(kind, data, now = performance.now()) {
+    if (kind === "start" && this.live(data)) {
+      this.samples = [];
+      this.total = data.total_steps ?? this.total;
+      this.completed = data.step;
+      return;
+    }
+    if (!["state", "phase", "step", "eval"].includes(kind)) return;
+    if (kind === "step" && !this.live(data)) return;
+    while (this.samples.length && this.samples[0][0] < now - Eta.WINDOW_MS) this.samples.shift();
+    if (kind === "step") {
+      const advanced = data.step - this.completed;
+      this.completed = data.step;
+      if (advanced > 0) this.samples.push([now, advanced]);
+    }
+  }
+
+  seconds() {  // null while there is no pace yet
+    if (this.total === null) return null;
+    if (this.completed >= this.total) return 0;
+    if (this.samples.length < 2) return null;
+    const time = (this.samples.at(-1)[0] - this.samples[0][0]) / 1000;
+    const steps = this.samples.slice(1).reduce((sum, [, n]) => sum + n, 0);
+    return time > 0 && steps > 0 ? Math.ceil((this.total - this.completed) / (steps / time)) : null;
+  }
+
+  text() {
+    const s = this.seconds();
+    if (s === null) return "-:--:--";
+    const two = (n) => String(n).padStart(2, "0");
+    return `${Math.floor(s / 3600)}:${two(Math.floor(s / 60) % 60)}:${two(s % 60)}`;
   }
 }
 
@@ -227,7 +317,7 @@ async function jobPage(view, jobId) {
   const error = el("p", { class: "error", role: "alert" }, job.error || "");
   const charts = el("div", { class: "grid" });
   const loss = new Chart(charts, "loss terms");
-  const lr = new Chart(charts, "learning rate");
+  const lr = new Chart(charts, "learning rate", { yTicks: sciTicks });
   const map = new Chart(charts, "mAP per evaluation");
   const areas = new Chart(charts, "TID key / weak area fractions");
   const cancel = el("button", { class: "secondary", id: "cancel", onclick: async () => {
@@ -238,6 +328,9 @@ async function jobPage(view, jobId) {
     class: "secondary download", "data-artifact": name, onclick: () => download(jobId, name, error),
   }, `Download ${name}`));
   let current = job;
+  const eta = new Eta(job);
+  const etaFact = el("span", { id: "eta-fact" }, "eta ", el("b", { id: "eta" }, eta.text()));
+  const showEta = () => { etaFact.lastChild.textContent = eta.text(); };
   function showFacts() {
     cancel.disabled = FINAL.includes(current.state);
     for (const b of downloads) b.disabled = current.state !== "succeeded";
@@ -248,7 +341,8 @@ async function jobPage(view, jobId) {
       el("span", {}, "step ", el("b", { id: "step" }, `${current.step}/${current.total_steps ?? "?"}`)),
       el("span", {}, "attempt ", el("b", {}, `${current.attempt} of ${current.max_attempts}`)),
       el("span", {}, "best mAP ", el("b", { id: "best-ap" }, fmt(current.best_ap))),
-      el("span", {}, "duration ", el("b", {}, duration(current))));
+      el("span", {}, "duration ", el("b", {}, duration(current))),
+      FINAL.includes(current.state) ? [] : etaFact);  // `tid watch`'s ETA, while it runs
   }
   showFacts();
   view.replaceChildren(
@@ -271,6 +365,8 @@ async function jobPage(view, jobId) {
   leave = () => { controller.abort(); clearInterval(draw); clearInterval(poll); };
   refresh().catch(() => {});
   followEvents(jobId, (kind, data) => {
+    eta.apply(kind, data);
+    showEta();
     if (kind === "state") {
       const why = data.error || data.reason;
       timeline.append(el("li", {}, stateBadge(data.state), why ? ` ${why}` : ""));

@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from support import Sent
 
-import api.dispatch
+import store.queue
 from api.app import create_app
-from api.db.migrate import upgrade
-from api.db.session import get_sessionmaker, session_scope
-from api.keys import create_key
-from api.settings import Settings
+from store.db.migrate import upgrade
+from store.db.session import get_sessionmaker, session_scope
+from store.keys import create_key
+from store.settings import Settings
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def sent(monkeypatch: pytest.MonkeyPatch) -> Sent:
     def record(settings: Settings, task: str, *args: str) -> None:
         calls.append((task, args))
 
-    monkeypatch.setattr(api.dispatch, "send", record)
+    monkeypatch.setattr(store.queue, "send", record)
     return calls
 
 

@@ -10,8 +10,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.db.models import Artifact, Dataset, Job, JobEvent, Metric, Model, new_id, utcnow
-from api.settings import Settings
+from store.db.models import Artifact, Dataset, Job, JobEvent, Metric, Model, new_id, utcnow
+from store.settings import Settings
 
 SPEC: dict[str, Any] = {"name": "job", "dataset": {"builtin": "shapes"}}
 

@@ -1,4 +1,4 @@
-"""The embedded broker delivers each message whole and once (api.filesystem_broker)."""
+"""The embedded broker delivers each message whole and once (store.filesystem_broker)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import pytest
 from kombu import Connection
 from kombu.transport import filesystem
 
-from api import filesystem_broker
-from api.queue import make_celery
-from api.settings import Settings
+from store import filesystem_broker
+from store.queue import make_celery
+from store.settings import Settings
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def channel(tmp_path: Path) -> Iterator[Callable[..., Any]]:
     [
         (filesystem_broker.TRANSPORT, filesystem_broker),
         # kombu's own transport loses this race (kombu#1551): the reason for ours. If this case
-        # fails, kombu has fixed it and api.filesystem_broker's `_put` can go.
+        # fails, kombu has fixed it and store.filesystem_broker's `_put` can go.
         ("filesystem", filesystem),
     ],
     ids=["ours", "kombu"],

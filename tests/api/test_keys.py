@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey, utcnow
-from api.keys import create_key, verify_key
+from store.db.models import ApiKey, utcnow
+from store.keys import create_key, verify_key
 
 
 def test_create_key_stores_only_prefix_and_sha256(db: Session) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from api.db.models import Base
-from api.db.session import get_engine
-from api.settings import Settings
+from store.db.models import Base
+from store.db.session import get_engine
+from store.settings import Settings
 
 
 def test_migrations_at_head_match_the_models(settings: Settings) -> None:

@@ -20,11 +20,11 @@ from sqlalchemy.orm import Session
 from support import Sent
 
 from api.app import create_app
-from api.db.models import ApiKey
-from api.settings import Settings
+from store.db.models import ApiKey
+from store.settings import Settings
 
 JOB, OTHERS_JOB, DATASET, MODEL = "a" * 32, "b" * 32, "c" * 32, "d" * 32
-PREFIX, SECRET = "fuzzfuzz", "s" * 43  # alice's key, stored as api.keys stores keys
+PREFIX, SECRET = "fuzzfuzz", "s" * 43  # alice's key, stored as store.keys stores keys
 SEEDED_SHARE = 0.5  # of the ids in URLs
 
 CONFIG = schemathesis.Config.from_dict(

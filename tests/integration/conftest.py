@@ -22,11 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from api.client import Client
-from api.db.migrate import upgrade
-from api.db.session import session_scope
-from api.keys import create_key
-from api.settings import Settings
+from cli.client import Client
+from store.db.migrate import upgrade
+from store.db.session import session_scope
+from store.keys import create_key
+from store.settings import Settings
 
 POSTGRES = os.environ.get(
     "TID_TEST_POSTGRES_URL"
@@ -86,7 +86,7 @@ class Stack:
         """`tid ARGS...` as process `name`; `env` overrides the stack's environment."""
         with (self.logs / f"{name}.log").open("ab") as out:  # the child keeps its own copy
             proc = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *args],
+                [sys.executable, "-m", "cli.main", *args],
                 env={**self.env, **env},
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 from sqlalchemy import func, select
 
-from api.client import Client
-from api.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric
-from api.db.session import TRANSIENT_ERRORS, session_scope
-from api.settings import Settings
+from cli.client import Client
+from store.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric
+from store.db.session import TRANSIENT_ERRORS, session_scope
+from store.settings import Settings
 from tid_core.events import read_events
 
 FINAL = ("succeeded", "failed", "cancelled")

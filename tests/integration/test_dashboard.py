@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,10 @@ def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path
     key = stack.client.http.headers["Authorization"].removeprefix("Bearer ")
     teacher = stack.client.submit(tiny_spec(dataset_id, "teacher"))  # over the API
     assert stack.client.wait_job(teacher["id"], timeout=300)["state"] == "succeeded"
-    spec = tiny_spec(  # from the page: 2 epochs of 4 steps, an evaluation after each
-        dataset_id,
+    spec = tiny_spec(  # from the page: 2 epochs of 4 steps, an evaluation after each; an lr
+        dataset_id,  # whose ticks (0, 5e-4, ..., 2e-3) need more than 3 decimals to tell apart
         "tid-student",
+        schedule={"lr": 0.002},
         teacher=teacher_of(teacher["id"]),
         distill={"method": "tid", "distill_warmup_iters": 2},
     )
@@ -78,13 +80,20 @@ def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path
         page.click("#submit-form button")
         page.wait_for_url("**/#/jobs/*")
         job_id = page.url.rsplit("/", 1)[1]
+        # until it is final, the ETA `tid watch` shows: a time once live step events set a pace
+        expect(page.locator("#eta")).to_be_visible()
+        expect(page.locator("#eta")).to_have_text(re.compile(r"^\d+:\d\d:\d\d$"), timeout=240_000)
         expect(page.locator('h1 .state[data-state="succeeded"]')).to_be_visible(timeout=240_000)
+        expect(page.locator("#eta")).to_have_count(0)  # a final job has no ETA
         page.wait_for_function(  # the last events arrive over the stream and are drawn
             "document.querySelector('.chart[data-title=\"mAP per evaluation\"]')"
             ".dataset.points === '2'"
         )
         assert points(page, "loss terms") == 8  # log_every 1: a point per step
         assert points(page, "learning rate") == 8
+        # the lr axis's tick labels differ (uPlot's default gave 0, 0.001, 0.001, 0.002, 0.002)
+        ticks = json.loads(page.get_attribute('.chart[data-title="learning rate"]', "data-y-ticks"))
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
         assert points(page, "TID key / weak area fractions") == 8
         expect(page.locator("#timeline")).to_contain_text("succeeded")
         expect(page.locator("#timeline")).to_contain_text("attempt 1 started at step 0")

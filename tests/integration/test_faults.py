@@ -35,10 +35,10 @@ from service_jobs import (
 )
 from sqlalchemy import select
 
-from api.db.models import Checkpoint, Job
-from api.db.models import Dataset as DatasetRow
-from api.db.session import session_scope
-from api.queue import RUN_JOB, send
+from store.db.models import Checkpoint, Job
+from store.db.models import Dataset as DatasetRow
+from store.db.session import session_scope
+from store.queue import RUN_JOB, send
 from tid_core.events import read_events
 from worker.resources import prepare_dataset
 

@@ -111,7 +111,7 @@ def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
 
     def tid(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-m", "api.cli", *args],
+            [sys.executable, "-m", "cli.main", *args],
             env=env,
             capture_output=True,
             text=True,

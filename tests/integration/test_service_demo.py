@@ -23,7 +23,7 @@ def test_service_demo_trains_chains_downloads_and_prints_table(tmp_path: Path) -
     for key in ("TID_DATABASE_URL", "TID_BROKER_URL"):  # embedded defaults, whatever CI sets
         env.pop(key, None)
     proc = subprocess.run(
-        [sys.executable, "-m", "api.cli", "demo", "--quick", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "demo", "--quick", "--port", str(port)],
         env=env,
         capture_output=True,
         text=True,

@@ -8,13 +8,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from tid_core.distill.baselines import fitnet_loss, pkd_loss
+from tid_core.distill.baselines import fitnet_loss
 from tid_core.distill.capture import Detector, StudentCapture, teacher_forward
 from tid_core.distill.distiller import Distiller
-from tid_core.distill.tid import TIDLoss
+from tid_core.distill.methods import DISTILL_METHODS
 from tid_core.models import build_detector
+from tid_core.spec import METHODS as SPEC_METHODS
 from tid_core.spec import DistillSpec
-from tid_core.train import build_distill_loss
 
 ARCHS = ["fcos", "retinanet"]
 METHODS = ["tid", "fitnet", "pkd"]
@@ -27,12 +27,8 @@ STUDENT_CHANNELS, TEACHER_CHANNELS = 64, 128  # fpn_channels must be >= 64
 
 
 def make_loss(method: str, levels: tuple[int, ...] = (0, 1, 2, 3, 4)) -> nn.Module:
-    if method == "tid":  # the spec's defaults, as the trainer builds it
-        loss = build_distill_loss(DistillSpec(method="tid", levels=levels))
-        assert isinstance(loss, TIDLoss)
-        return loss
-    factories: dict[str, Callable[[], nn.Module]] = {"fitnet": fitnet_loss, "pkd": pkd_loss}
-    return factories[method]()
+    """The method's loss with the spec's defaults, as the trainer builds it."""
+    return DISTILL_METHODS[method](DistillSpec.model_validate({"method": method, "levels": levels}))
 
 
 def detector(arch: str, channels: int, seed: int) -> Detector:
@@ -186,8 +182,20 @@ def test_tid_loss_is_zero_on_teacher_outputs_of_same_model_twice(arch: str) -> N
     transformed, resized = model.transform(images, targets)
     first = teacher_forward(model, transformed)
     second = teacher_forward(model, transformed)
-    out = make_loss("tid")(first, second, resized)
+    out, _ = make_loss("tid")(first, second, resized)
     assert all(v.item() == 0.0 for v in out.values())
+
+
+def test_every_method_the_spec_names_has_a_loss_but_none() -> None:
+    assert set(DISTILL_METHODS) == set(SPEC_METHODS) - {"none"}
+    model = detector("fcos", STUDENT_CHANNELS, seed=3).eval()
+    images, targets = batch()
+    transformed, resized = model.transform(images, targets)
+    outputs = teacher_forward(model, transformed)
+    for method in DISTILL_METHODS:
+        terms, stats = make_loss(method)(outputs, outputs, resized)
+        assert set(terms) == DISTILL_TERMS[method]
+        assert set(stats) == ({"tid_key_frac", "tid_weak_frac"} if method == "tid" else set())
 
 
 def test_distiller_without_teacher_returns_detection_losses_only() -> None:
@@ -211,7 +219,9 @@ def test_distiller_rejects_teacher_without_loss_and_loss_without_teacher() -> No
 @pytest.mark.parametrize("cls_match", ["box", "point"])
 @pytest.mark.parametrize("arch", ARCHS)
 def test_tid_distiller_reports_area_fractions_as_stats(arch: str, cls_match: str) -> None:
-    loss = build_distill_loss(DistillSpec.model_validate({"method": "tid", "cls_match": cls_match}))
+    loss = DISTILL_METHODS["tid"](
+        DistillSpec.model_validate({"method": "tid", "cls_match": cls_match})
+    )
     student = detector(arch, STUDENT_CHANNELS, seed=0)
     model = Distiller(student, teacher=detector(arch, TEACHER_CHANNELS, seed=1), loss=loss)
     losses, stats = model.train()(*batch(), 1.0)

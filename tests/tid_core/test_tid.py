@@ -105,7 +105,7 @@ def case_outputs() -> DetectorOutputs:
 
 
 def test_task_significance_is_product_of_hand_computed_task_scores() -> None:
-    score = task_significance(case_outputs(), one_gt())
+    score = task_significance([case_outputs()], one_gt())[0]
     expected = torch.tensor([[c[3] * c[4] for c in CASES]])
     # 4, 3, 3, 2.25, 0.8, 0.8, 0.16, 0.16, 4, 0.6, 4
     assert expected[0, :10].tolist() == pytest.approx(
@@ -115,30 +115,30 @@ def test_task_significance_is_product_of_hand_computed_task_scores() -> None:
 
 
 def test_task_significance_cls_only_is_cls_score_squared() -> None:
-    score = task_significance(case_outputs(), one_gt(), tasks=("cls",))
+    score = task_significance([case_outputs()], one_gt(), tasks=("cls",))[0]
     torch.testing.assert_close(score, torch.tensor([[c[3] ** 2 for c in CASES]]))
 
 
 def test_task_significance_reg_only_is_reg_score_squared() -> None:
-    score = task_significance(case_outputs(), one_gt(), tasks=("reg",))
+    score = task_significance([case_outputs()], one_gt(), tasks=("reg",))[0]
     torch.testing.assert_close(score, torch.tensor([[c[4] ** 2 for c in CASES]]))
 
 
 def test_task_significance_task_order_does_not_matter() -> None:
-    both = task_significance(case_outputs(), one_gt(), tasks=("cls", "reg"))
-    reordered = task_significance(case_outputs(), one_gt(), tasks=("reg", "cls"))
+    both = task_significance([case_outputs()], one_gt(), tasks=("cls", "reg"))[0]
+    reordered = task_significance([case_outputs()], one_gt(), tasks=("reg", "cls"))[0]
     torch.testing.assert_close(both, reordered)
 
 
 @pytest.mark.parametrize("tasks", [(), ("box",), ("cls", "box")])
 def test_task_significance_rejects_unknown_tasks(tasks: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="tasks must be a non-empty subset"):
-        task_significance(case_outputs(), one_gt(), tasks=tasks)
+        task_significance([case_outputs()], one_gt(), tasks=tasks)
 
 
 def test_task_significance_custom_thresholds_move_the_levels() -> None:
     # pos_iou 0.45 makes the mid box high; p_min 0.005 makes p=0.01 count as right (mid).
-    score = task_significance(case_outputs(), one_gt(), pos_iou=0.45, p_min=0.005)
+    score = task_significance([case_outputs()], one_gt(), pos_iou=0.45, p_min=0.005)[0]
     assert score[0, 1].item() == pytest.approx(4.0)  # mid box now 2.0 * 2.0
     assert score[0, 5].item() == pytest.approx(3.0)  # p=0.01 now 1.5 * 2.0
 
@@ -150,7 +150,7 @@ def test_task_significance_matches_each_location_to_its_best_gt() -> None:
     ]
     boxes = [[IOU_1, far_gt, far_gt, IOU_045]]
     logits = [[probs_row(1, 0.9), probs_row(2, 0.9), probs_row(1, 0.9), probs_row(2, 0.9)]]
-    score = task_significance(make_outputs(boxes, logits), targets)
+    score = task_significance([make_outputs(boxes, logits)], targets)[0]
     # far_gt box with class 1 is the wrong class for its matched GT (label 2): 0.4 * 2.0.
     # The mid box matches GT (label 1), so predicting class 2 is wrong: 0.4 * 1.5.
     torch.testing.assert_close(score, torch.tensor([[4.0, 4.0, 0.8, 0.6]]))
@@ -159,7 +159,7 @@ def test_task_significance_matches_each_location_to_its_best_gt() -> None:
 def test_task_significance_is_lowest_everywhere_on_image_without_gt() -> None:
     boxes = [[IOU_1, IOU_045, IOU_0]] * 2
     logits = [[probs_row(1, 0.9), probs_row(1, 0.3), probs_row(0, 0.9)]] * 2
-    score = task_significance(make_outputs(boxes, logits), [one_gt()[0], no_gt()])
+    score = task_significance([make_outputs(boxes, logits)], [one_gt()[0], no_gt()])[0]
     torch.testing.assert_close(score[0], torch.tensor([4.0, 2.25, 0.16]))
     torch.testing.assert_close(score[1], torch.full((3,), 0.16))
 
@@ -167,7 +167,7 @@ def test_task_significance_is_lowest_everywhere_on_image_without_gt() -> None:
 def test_task_significance_is_lowest_everywhere_when_batch_has_no_gt() -> None:
     boxes = [[IOU_1, IOU_045]]
     logits = [[probs_row(1, 0.9), probs_row(1, 0.3)]]
-    score = task_significance(make_outputs(boxes, logits), [no_gt()])
+    score = task_significance([make_outputs(boxes, logits)], [no_gt()])[0]
     torch.testing.assert_close(score, torch.full((1, 2), 0.16))
 
 
@@ -201,14 +201,14 @@ def test_task_significance_takes_highest_scoring_anchor_of_each_location() -> No
         level_shapes=[(1, 3)],
     )
     torch.testing.assert_close(outputs.decoded_boxes()[0], wanted, atol=1e-4, rtol=0)
-    score = task_significance(outputs, one_gt())
+    score = task_significance([outputs], one_gt())[0]
     torch.testing.assert_close(score, torch.tensor([[4.0, 0.16, 0.8]]))
 
 
 def test_task_significance_ignores_gradients_of_head_outputs() -> None:
     outputs = case_outputs()
     outputs.cls_logits.requires_grad_(True)
-    score = task_significance(outputs, one_gt())
+    score = task_significance([outputs], one_gt())[0]
     assert not score.requires_grad
 
 
@@ -282,20 +282,20 @@ def test_split_areas_without_weak_areas_puts_all_significant_locations_in_key() 
 def test_point_match_scores_the_class_without_looking_at_the_box() -> None:
     # Every case's location centre (8, 8) lies inside GT, so the class alone decides: the
     # boxes at IoU 0.4 and 0 with the right class p=0.9 now count as right (2.0).
-    score = task_significance(case_outputs(), one_gt(), tasks=("cls",), cls_match="point")
+    score = task_significance([case_outputs()], one_gt(), tasks=("cls",), cls_match="point")[0]
     expected_c = [2.0, 2.0, 1.5, 1.5, 0.4, 0.4, 2.0, 2.0, 2.0, 0.4, 2.0]
     torch.testing.assert_close(score, torch.tensor([[c**2 for c in expected_c]]))
     # the regression score is the same under both matches
     for match in ("box", "point"):
-        reg = task_significance(case_outputs(), one_gt(), tasks=("reg",), cls_match=match)
+        reg = task_significance([case_outputs()], one_gt(), tasks=("reg",), cls_match=match)[0]
         torch.testing.assert_close(reg, torch.tensor([[c[4] ** 2 for c in CASES]]))
 
 
 def test_point_match_outside_every_gt_is_no_object_even_with_a_perfect_box() -> None:
     outside = [32.0, 32.0, 48.0, 48.0]  # centre (40, 40), not in GT
     outputs = make_outputs([[IOU_1, IOU_1]], [[probs_row(1, 0.9)] * 2], anchors=[ANCHOR, outside])
-    box = task_significance(outputs, one_gt(), cls_match="box")
-    point = task_significance(outputs, one_gt(), cls_match="point")
+    box = task_significance([outputs], one_gt(), cls_match="box")[0]
+    point = task_significance([outputs], one_gt(), cls_match="point")[0]
     torch.testing.assert_close(box, torch.tensor([[4.0, 4.0]]))
     torch.testing.assert_close(point, torch.tensor([[4.0, 0.8]]))  # 0.4 * 2.0
 
@@ -305,19 +305,19 @@ def test_point_match_takes_the_smallest_gt_containing_the_centre() -> None:
     targets = [{"boxes": torch.tensor([outer, inner]), "labels": torch.tensor([2, 1])}]
     logits = [[probs_row(1, 0.9), probs_row(2, 0.9)]]
     outputs = make_outputs([[IOU_0, IOU_0]], logits)
-    score = task_significance(outputs, targets, tasks=("cls",), cls_match="point")
+    score = task_significance([outputs], targets, tasks=("cls",), cls_match="point")[0]
     torch.testing.assert_close(score, torch.tensor([[4.0, 0.16]]))  # inner's label 1 is right
 
 
 def test_point_match_without_gt_is_lowest_everywhere() -> None:
     outputs = make_outputs([[IOU_1, IOU_0]], [[probs_row(1, 0.9)] * 2])
-    score = task_significance(outputs, [no_gt()], cls_match="point")
+    score = task_significance([outputs], [no_gt()], cls_match="point")[0]
     torch.testing.assert_close(score, torch.full((1, 2), 0.16))
 
 
 def test_task_significance_rejects_unknown_cls_match() -> None:
     with pytest.raises(ValueError, match="cls_match must be 'box' or 'point'"):
-        task_significance(case_outputs(), one_gt(), cls_match="centre")
+        task_significance([case_outputs()], one_gt(), cls_match="centre")
 
 
 # ---- ablations: one task only changes the areas ------------------------------------------------
@@ -330,8 +330,7 @@ def test_cls_only_keeps_right_class_bad_box_student_location_in_key() -> None:
     student = make_outputs([[IOU_045, IOU_1]], [[probs_row(1, 0.9), probs_row(2, 0.9)]])
     masks = {}
     for tasks in [("cls", "reg"), ("cls",), ("reg",)]:
-        score_t = task_significance(teacher, one_gt(), tasks=tasks)
-        score_s = task_significance(student, one_gt(), tasks=tasks)
+        score_t, score_s = task_significance([teacher, student], one_gt(), tasks=tasks)
         key, weak = split_areas(score_t, score_s, **TID_MD)
         masks[tasks] = (key.tolist(), weak.tolist())
     # both tasks: student scores 3 and 0.8 vs teacher 4 -> both weak
@@ -346,8 +345,7 @@ def test_reg_only_makes_teacher_right_box_wrong_class_location_key() -> None:
     teacher = make_outputs([[IOU_1]], [[probs_row(2, 0.9)]])  # wrong class, perfect box
     student = make_outputs([[IOU_1]], [[probs_row(2, 0.9)]])
     for tasks, expected_key in [(("cls", "reg"), False), (("reg",), True), (("cls",), False)]:
-        score_t = task_significance(teacher, one_gt(), tasks=tasks)
-        score_s = task_significance(student, one_gt(), tasks=tasks)
+        score_t, score_s = task_significance([teacher, student], one_gt(), tasks=tasks)
         key, weak = split_areas(score_t, score_s, **TID_MD)
         assert key.item() is expected_key, tasks
         assert not weak.any()
@@ -490,17 +488,28 @@ def test_tid_loss_area_masks_of_constructed_pair() -> None:
     assert weak.tolist() == [[False, True, False, True, False, False]]
 
 
+@pytest.mark.parametrize("cls_match", ["box", "point"])
+def test_task_significance_scores_each_detector_as_if_alone(cls_match: str) -> None:
+    # TIDLoss scores teacher and student in one call: batching them must not mix their scores
+    student, teacher = area_pair([], [])
+    both = task_significance([teacher, student], one_gt(), cls_match=cls_match)
+    assert both.shape == (2, 1, 6)
+    assert not torch.equal(both[0], both[1])
+    for scores, outputs in zip(both, [teacher, student], strict=True):
+        alone = task_significance([outputs], one_gt(), cls_match=cls_match)
+        assert torch.equal(scores, alone[0])
+
+
 def test_tid_loss_terms_equal_hand_computed_weighted_means() -> None:
     fs, ft = known_distance_features()
     student, teacher = area_pair(fs, ft)
-    loss = tid_loss()
-    out = loss(student, teacher, one_gt())
+    out, stats = tid_loss()(student, teacher, one_gt())
     # d = 1, 4, 9, 16 on level 0 (N_l 4) and 25, 36 on level 1 (N_l 2)
     assert out["tid_key"].item() == pytest.approx(2.0 * (1 / 4 + 25 / 2))  # 25.5
     assert out["tid_weak"].item() == pytest.approx(4.0 * (4 + 16) / 4)  # 20
     assert out["tid_rest"].item() == pytest.approx(0.5 * (9 / 4 + 36 / 2))  # 10.125
-    assert loss.last_stats["tid_key_frac"].item() == pytest.approx(2 / 6)
-    assert loss.last_stats["tid_weak_frac"].item() == pytest.approx(2 / 6)
+    assert stats["tid_key_frac"].item() == pytest.approx(2 / 6)
+    assert stats["tid_weak_frac"].item() == pytest.approx(2 / 6)
 
 
 @pytest.mark.parametrize(
@@ -512,7 +521,7 @@ def test_tid_loss_on_one_level_uses_that_levels_masks(
 ) -> None:
     fs, ft = known_distance_features()
     student, teacher = area_pair([fs[level]], [ft[level]])
-    out = tid_loss(levels=(level,))(student, teacher, one_gt())
+    out, _ = tid_loss(levels=(level,))(student, teacher, one_gt())
     got = (out["tid_key"].item(), out["tid_weak"].item(), out["tid_rest"].item())
     assert got == pytest.approx(expected)
 
@@ -520,7 +529,7 @@ def test_tid_loss_on_one_level_uses_that_levels_masks(
 def test_tid_loss_without_weak_areas_moves_weak_locations_to_key() -> None:
     fs, ft = known_distance_features()
     student, teacher = area_pair(fs, ft)
-    out = tid_loss(weak_areas=False)(student, teacher, one_gt())
+    out, _ = tid_loss(weak_areas=False)(student, teacher, one_gt())
     assert out["tid_key"].item() == pytest.approx(2.0 * ((1 + 4 + 16) / 4 + 25 / 2))
     assert out["tid_weak"].item() == 0.0
     assert out["tid_rest"].item() == pytest.approx(0.5 * (9 / 4 + 36 / 2))
@@ -535,7 +544,7 @@ def test_tid_loss_is_zero_when_features_match(
     gen = torch.Generator().manual_seed(1)
     ft = [torch.randn(1, 8, h, w, generator=gen) for h, w in SHAPES]
     student, teacher = area_pair([f.clone() for f in ft], ft)
-    out = tid_loss(normalize=normalize, weak_areas=weak_areas, tasks=tasks)(
+    out, _ = tid_loss(normalize=normalize, weak_areas=weak_areas, tasks=tasks)(
         student, teacher, one_gt()
     )
     assert set(out) == {"tid_key", "tid_weak", "tid_rest"}
@@ -547,8 +556,10 @@ def test_tid_loss_with_unit_weights_equals_pkd() -> None:
     fs = [torch.randn(1, 8, h, w, generator=gen) * 3 + 1 for h, w in SHAPES]
     ft = [torch.randn(1, 8, h, w, generator=gen) for h, w in SHAPES]
     student, teacher = area_pair(fs, ft)
-    tid = tid_loss(alpha=1.0, beta=1.0, gamma=1.0, normalize=True)(student, teacher, one_gt())
-    pkd = pkd_loss()(student, teacher, one_gt())["pkd"]
+    tid, _ = tid_loss(alpha=1.0, beta=1.0, gamma=1.0, normalize=True)(student, teacher, one_gt())
+    pkd_terms, pkd_stats = pkd_loss()(student, teacher, one_gt())
+    pkd = pkd_terms["pkd"]
+    assert pkd_stats == {}
     assert pkd.item() > 0.1
     torch.testing.assert_close(sum(tid.values()), pkd)
 
@@ -558,7 +569,7 @@ def test_tid_loss_sum_equals_weighted_mean_from_its_masks() -> None:
     fs = [torch.randn(1, 8, h, w, generator=gen) for h, w in SHAPES]
     ft = [torch.randn(1, 8, h, w, generator=gen) for h, w in SHAPES]
     student, teacher = area_pair(fs, ft)
-    out = tid_loss()(student, teacher, one_gt())
+    out, _ = tid_loss()(student, teacher, one_gt())
     weights = [2.0, 4.0, 0.5, 4.0, 2.0, 0.5]  # key, weak, rest, weak, key, rest
     expected = 0.0
     for i, (h, w) in enumerate([(y, x) for y in range(2) for x in range(2)]):
@@ -575,6 +586,6 @@ def test_tid_loss_gradient_reaches_student_features() -> None:
     fs, ft = known_distance_features()
     fs = [f.requires_grad_(True) for f in fs]
     student, teacher = area_pair(fs, ft)
-    out = tid_loss()(student, teacher, one_gt())
+    out, _ = tid_loss()(student, teacher, one_gt())
     sum(out.values()).backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)

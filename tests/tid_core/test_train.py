@@ -22,11 +22,11 @@ from safetensors.torch import load_file
 
 from tid_core.data.coco import CocoDetection
 from tid_core.data.synthetic import generate_shapes
+from tid_core.distill.distiller import build_models
 from tid_core.events import read_events
 from tid_core.models import DetectorMeta, build_detector, load_student, save_weights
-from tid_core.rundir import lock_run_dir
+from tid_core.run_lock import lock_run_dir
 from tid_core.spec import JobSpec
-from tid_core.train import build_models
 
 pytestmark = pytest.mark.slow
 NUM_CLASSES = 5

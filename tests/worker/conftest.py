@@ -10,10 +10,10 @@ from typing import Any
 import pytest
 from worker_support import MakeJob, tiny_spec
 
-from api.db.migrate import upgrade
-from api.db.models import Job
-from api.db.session import session_scope
-from api.settings import Settings
+from store.db.migrate import upgrade
+from store.db.models import Job
+from store.db.session import session_scope
+from store.settings import Settings
 
 
 @pytest.fixture(autouse=True)

@@ -15,10 +15,10 @@ import pytest
 from sqlalchemy import select
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
 
-from api.db.models import Job, JobEvent
-from api.db.session import session_scope
-from api.queue import RUN_JOB, send
-from api.settings import Settings
+from store.db.models import Job, JobEvent
+from store.db.session import session_scope
+from store.queue import RUN_JOB, send
+from store.settings import Settings
 from worker.reconcile import reconcile
 
 pytestmark = pytest.mark.slow

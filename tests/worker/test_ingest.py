@@ -9,9 +9,9 @@ from typing import Any
 from sqlalchemy import func, select
 from worker_support import MakeJob, read_job
 
-from api.db.models import Artifact, Checkpoint, Evaluation, JobEvent, Metric
-from api.db.session import session_scope
-from api.settings import Settings
+from store.db.models import Artifact, Checkpoint, Evaluation, JobEvent, Metric
+from store.db.session import session_scope
+from store.settings import Settings
 from worker.ingest import ingest_events
 from worker.runner import worker_name
 

@@ -6,9 +6,9 @@ from datetime import timedelta
 
 from worker_support import MakeJob, queued_messages, read_job
 
-from api.db.models import utcnow
-from api.queue import RUN_JOB
-from api.settings import Settings
+from store.db.models import utcnow
+from store.queue import RUN_JOB
+from store.settings import Settings
 from worker.reconcile import reconcile
 
 

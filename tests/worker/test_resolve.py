@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 from worker_support import MakeJob, tiny_spec
 
-from api.db.models import Dataset, Job, Model
-from api.db.session import session_scope
-from api.settings import Settings
+from store.db.models import Dataset, Job, Model
+from store.db.session import session_scope
+from store.settings import Settings
 from worker.resolve import ResolveError, resolve_spec
 
 TEACHER = {"arch": "fcos", "backbone": "resnet18", "fpn_channels": 64}
@@ -34,7 +34,7 @@ def model_row(**overrides: Any) -> Model:
 
 def resolve(settings: Settings, job_id: str) -> dict[str, Any]:
     with session_scope(settings.database_url) as session:
-        return resolve_spec(session, session.get_one(Job, job_id), settings)
+        return resolve_spec(session, session.get_one(Job, job_id), settings).model_dump(mode="json")
 
 
 def with_teacher(weights: dict[str, str]) -> dict[str, Any]:

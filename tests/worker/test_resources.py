@@ -13,9 +13,9 @@ import torch
 from coco_folders import COCO_2017, with_split_names
 from torchvision.models import resnet34
 
-from api.db.models import Dataset, Model
-from api.db.session import session_scope
-from api.settings import Settings
+from store.db.models import Dataset, Model
+from store.db.session import session_scope
+from store.settings import Settings
 from tid_core.models import DetectorMeta, build_detector, save_weights
 from worker.resources import check_model, prepare_dataset
 
@@ -44,15 +44,20 @@ def add_model(settings: Settings, path: Path) -> str:
     return add(settings, Model(owner="alice", name="m", path=str(path), sha256="0" * 64, bytes=1))
 
 
-def test_prepare_builtin_dataset_is_ready_with_counts(settings: Settings) -> None:
-    path = settings.datasets_dir / "shapes"
-    dataset_id = add_dataset(settings, kind="builtin", path=path, source=SHAPES)
+@pytest.mark.parametrize(("builtin", "classes"), [("shapes", 5), ("scenes", 12)])
+def test_prepare_builtin_dataset_is_ready_with_counts(
+    settings: Settings, builtin: str, classes: int
+) -> None:
+    path = settings.datasets_dir / builtin
+    source = {**SHAPES, "builtin": builtin}
+    dataset_id = add_dataset(settings, kind="builtin", path=path, source=source)
 
     prepare_dataset(dataset_id, settings=settings)
 
     row = read(settings, Dataset, dataset_id)
     assert (row.state, row.error, row.num_train, row.num_val) == ("ready", None, 3, 2)
     assert row.class_names and all(isinstance(n, str) for n in row.class_names)
+    assert len(row.class_names) == classes  # the generator the spec names, not always shapes
     assert (path / "annotations" / "instances_train.json").is_file()
 
 

@@ -17,11 +17,11 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import OperationalError
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
 
-from api.db import transitions
-from api.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric
-from api.db.session import session_scope
-from api.queue import RUN_JOB
-from api.settings import Settings
+from store.db import transitions
+from store.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric
+from store.db.session import session_scope
+from store.queue import RUN_JOB
+from store.settings import Settings
 from tid_core.events import read_events
 from worker import runner
 
@@ -226,7 +226,7 @@ def test_shutdown_hands_the_job_back_with_a_checkpoint(
 def test_a_killed_worker_takes_its_trainer_with_it(settings: Settings, make_job: MakeJob) -> None:
     """SIGKILL leaves no time to clean up: the trainer must still not outlive its worker."""
     job_id = make_job(spec=tiny_spec(dataset={"num_train": 200}, schedule={"epochs": 5}))
-    code = "import sys; from api.settings import Settings; from worker.runner import run_job; "
+    code = "import sys; from store.settings import Settings; from worker.runner import run_job; "
     code += "run_job(sys.argv[1], settings=Settings.model_validate_json(sys.argv[2]))"
     worker = subprocess.Popen(
         [sys.executable, "-c", code, job_id, settings.model_dump_json()],

@@ -7,9 +7,9 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from api.db.models import Job
-from api.db.session import session_scope
-from api.settings import Settings
+from store.db.models import Job
+from store.db.session import session_scope
+from store.settings import Settings
 
 TINY_SPEC: dict[str, Any] = {
     "name": "tiny",

@@ -26,12 +26,13 @@ class FeatureMSELoss(nn.Module):
         student: DetectorOutputs,
         teacher: DetectorOutputs,
         targets: Targets,  # noqa: ARG002 - same signature as TIDLoss
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """Its one term, and no statistics."""
         levels = [
             feature_distance(fs, ft, normalize=self.normalize).mean()
             for fs, ft in zip(student.features, teacher.features, strict=True)
         ]
-        return {self.name: sum(levels[1:], levels[0])}
+        return {self.name: sum(levels[1:], levels[0])}, {}
 
 
 def fitnet_loss() -> FeatureMSELoss:

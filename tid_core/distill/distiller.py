@@ -2,17 +2,22 @@
 
 `Distiller` is what DDP wraps and the optimizer sees. The teacher is kept out of its modules
 (not a parameter, not in `state_dict`, not in DDP), frozen and in eval mode; it runs without
-grad on the student's own transformed batch inside the same forward.
+grad on the student's own transformed batch inside the same forward. `build_models` builds the
+one a JobSpec declares.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 from torch import Tensor, nn
 
+from tid_core.data.coco import CocoDetection
 from tid_core.distill.capture import Adapters, Detector, StudentCapture, Targets, teacher_forward
-from tid_core.distill.tid import TIDLoss
+from tid_core.distill.methods import DISTILL_METHODS
+from tid_core.models import build_detector, load_backbone, load_checked
+from tid_core.spec import JobSpec, PathWeights, Weights
 
 
 class Distiller(nn.Module):
@@ -71,12 +76,51 @@ class Distiller(nn.Module):
         batch, resized_targets, student_out = self._capture.take()
         teacher_out = teacher_forward(self.teacher, batch)
         student_feats = self.adapters([student_out.features[lvl] for lvl in self.levels])
-        distill = self.loss(
+        distill, stats = self.loss(
             student_out.with_features(student_feats),
             teacher_out.with_features([teacher_out.features[lvl] for lvl in self.levels]),
             resized_targets,
         )
         losses.update({name: distill_scale * value for name, value in distill.items()})
         self.distill_terms = tuple(distill)
-        stats = dict(self.loss.last_stats) if isinstance(self.loss, TIDLoss) else {}
         return losses, stats
+
+
+def _weights_path(weights: Weights, where: str) -> Path:
+    if not isinstance(weights, PathWeights):
+        raise ValueError(f"{where} {weights!r} is unresolved: the service maps ids to paths")
+    return Path(weights.path)
+
+
+def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Distiller:
+    """The spec's student (from its backbone weights, if any), teacher and method's loss, for
+    the classes of `train_ds`; on the CPU."""
+    student = build_detector(
+        arch=spec.student.arch,
+        backbone=spec.student.backbone,
+        num_classes=train_ds.num_classes,
+        fpn_channels=spec.student.fpn_channels,
+        image_size=input_size,
+    )
+    if spec.student.weights_backbone is not None:
+        path = _weights_path(spec.student.weights_backbone, "student.weights_backbone")
+        load_backbone(
+            student,
+            path,
+            backbone=spec.student.backbone,
+            trainable_layers=spec.student.trainable_layers,
+        )
+    if spec.teacher is None:
+        return Distiller(student)
+    teacher = load_checked(
+        _weights_path(spec.teacher.weights, "teacher.weights"),
+        arch=spec.teacher.arch,
+        backbone=spec.teacher.backbone,
+        num_classes=train_ds.num_classes,
+        fpn_channels=spec.teacher.fpn_channels,
+        image_size=input_size,
+        class_names=train_ds.class_names,
+    )
+    d = spec.distill
+    loss = None if d.method == "none" else DISTILL_METHODS[d.method](d)
+    return Distiller(student, teacher=teacher, loss=loss, levels=d.levels)

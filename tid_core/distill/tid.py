@@ -77,7 +77,7 @@ def _padded_targets(targets: Targets) -> tuple[Tensor, Tensor]:
 
 @torch.no_grad()
 def task_significance(
-    outputs: DetectorOutputs,
+    outputs: Sequence[DetectorOutputs],
     targets: Targets,
     *,
     tasks: Sequence[str] = ("cls", "reg"),
@@ -86,7 +86,9 @@ def task_significance(
     p_min: float = 0.05,
     cls_match: str = "box",
 ) -> Tensor:
-    """DIEM: task significance [N, L] of every head location (L = sum_l H_l*W_l).
+    """DIEM: task significance [M, N, L] of every head location (L = sum_l H_l*W_l) for each of
+    M detectors' outputs on the same batch (TIDLoss: teacher and student, in one batched pass
+    for half the kernel launches; they share their FPN grids, so their locations).
 
     Regression score: 2.0 / 1.5 / 0.4 as the location's box has IoU >= pos_iou, in between, or
     <= neg_iou with its best-matching GT box. Classification score: 2.0 if the predicted class
@@ -98,40 +100,15 @@ def task_significance(
     task only, that score is squared so the thresholds keep their meaning on the same
     {0.16 .. 4} scale.
     """
-    probs, boxes = _best_anchor(outputs)
+    m = len(outputs)
+    best = [_best_anchor(o) for o in outputs]
+    probs = torch.cat([p for p, _ in best])  # [M*N, L, C]: the M batches one after another
+    boxes = torch.cat([b for _, b in best])
     gt_boxes, gt_labels = _padded_targets(targets)
-    return _significance(
-        probs,
-        boxes,
-        _locations(outputs),
-        gt_boxes,
-        gt_labels,
-        tasks=tasks,
-        pos_iou=pos_iou,
-        neg_iou=neg_iou,
-        p_min=p_min,
-        cls_match=cls_match,
-    )
-
-
-def _significance(
-    probs: Tensor,
-    boxes: Tensor,
-    locations: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor,
-    *,
-    tasks: Sequence[str],
-    pos_iou: float,
-    neg_iou: float,
-    p_min: float,
-    cls_match: str,
-) -> Tensor:
-    """`task_significance` on best-anchor probs [N, L, C], boxes [N, L, 4], the locations'
-    anchors [L, 4] (shared by the batch) and padded GT."""
+    gt_boxes, gt_labels = torch.cat([gt_boxes] * m), torch.cat([gt_labels] * m)
     valid = gt_labels >= 0
     iou = _pairwise_iou(boxes, gt_boxes).masked_fill(~valid[:, None, :], -1.0)
-    best_iou, best_gt = iou.max(dim=-1)  # [N, L]
+    best_iou, best_gt = iou.max(dim=-1)  # [M*N, L]
     best_iou = best_iou.clamp(min=0.0)
 
     def level(hi: Tensor, mid: Tensor) -> Tensor:
@@ -141,20 +118,22 @@ def _significance(
     if cls_match == "box":
         cls_gt, has_object = best_gt, best_iou > neg_iou
     elif cls_match == "point":
-        cls_gt, has_object = _containing_gt(locations, gt_boxes, valid)
+        cls_gt, has_object = _containing_gt(_locations(outputs[0]), gt_boxes, valid)
     else:
         raise ValueError(f"cls_match must be 'box' or 'point', got {cls_match!r}")
-    label = gt_labels.gather(1, cls_gt).clamp(min=0)  # [N, L]; padding only where no object
+    label = gt_labels.gather(1, cls_gt).clamp(min=0)  # [M*N, L]; padding only where no object
     p_label = probs.gather(-1, label[..., None]).squeeze(-1)
     right = (probs.argmax(dim=-1) == label) & has_object
     score_c = level(right & (p_label >= 0.5), right & (p_label >= p_min))
     if set(tasks) == {"cls", "reg"}:
-        return score_c * score_r
-    if tuple(tasks) == ("cls",):
-        return score_c**2
-    if tuple(tasks) == ("reg",):
-        return score_r**2
-    raise ValueError(f"tasks must be a non-empty subset of ['cls', 'reg'], got {list(tasks)}")
+        score = score_c * score_r
+    elif tuple(tasks) == ("cls",):
+        score = score_c**2
+    elif tuple(tasks) == ("reg",):
+        score = score_r**2
+    else:
+        raise ValueError(f"tasks must be a non-empty subset of ['cls', 'reg'], got {list(tasks)}")
+    return score.view(m, -1, score.shape[-1])
 
 
 def split_areas(
@@ -212,7 +191,8 @@ def region_losses(distances: Sequence[Tensor], regions: Tensor) -> Tensor:
 
 
 class TIDLoss(nn.Module):
-    """The TID feature loss on the distilled levels; returns tid_key, tid_weak, tid_rest."""
+    """The TID feature loss on the distilled levels: terms tid_key, tid_weak, tid_rest, and
+    the key and weak areas' shares of all locations as statistics."""
 
     def __init__(
         self,
@@ -241,42 +221,31 @@ class TIDLoss(nn.Module):
         self.cls_match = cls_match
         self.tau = (tau_key, tau_weak)
         self.normalize = normalize
-        self.last_stats: dict[str, Tensor] = {}
 
     def area_masks(
         self, student: DetectorOutputs, teacher: DetectorOutputs, targets: Targets
     ) -> tuple[Tensor, Tensor]:
-        """(key, weak) masks [N, L] over all head locations.
-
-        Teacher and student are scored in one batched pass (half the kernel launches).
-        """
-        (probs_t, boxes_t), (probs_s, boxes_s) = _best_anchor(teacher), _best_anchor(student)
-        gt_boxes, gt_labels = _padded_targets(targets)
-        scores = _significance(
-            torch.cat([probs_t, probs_s]),
-            torch.cat([boxes_t, boxes_s]),
-            _locations(teacher),  # the student's are the same: split_areas pairs them up
-            torch.cat([gt_boxes, gt_boxes]),
-            torch.cat([gt_labels, gt_labels]),
+        """(key, weak) masks [N, L] over all head locations."""
+        score_t, score_s = task_significance(
+            [teacher, student],
+            targets,
             tasks=self.tasks,
             pos_iou=self.iou[0],
             neg_iou=self.iou[1],
             p_min=self.p_min,
             cls_match=self.cls_match,
         )
-        score_t, score_s = scores.chunk(2)
         return split_areas(
             score_t, score_s, tau_key=self.tau[0], tau_weak=self.tau[1], weak_areas=self.weak_areas
         )
 
     def forward(
         self, student: DetectorOutputs, teacher: DetectorOutputs, targets: Targets
-    ) -> dict[str, Tensor]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         """`student.features` / `teacher.features` hold the distilled levels only (adapted)."""
         key, weak = self.area_masks(student, teacher, targets)
         regions = torch.stack([key, weak, ~(key | weak)]).float()  # [3, N, L]
         fractions = regions.mean(dim=(1, 2))
-        self.last_stats = {"tid_key_frac": fractions[0], "tid_weak_frac": fractions[1]}
         if self.levels != list(range(len(teacher.level_shapes))):  # the distilled levels' only
             parts = torch.split(regions, [h * w for h, w in teacher.level_shapes], dim=2)
             regions = torch.cat([parts[lvl] for lvl in self.levels], dim=2)
@@ -285,7 +254,8 @@ class TIDLoss(nn.Module):
             for fs, ft in zip(student.features, teacher.features, strict=True)
         ]
         losses = region_losses(distances, regions)
-        return {
+        terms = {
             name: weight * loss
             for (name, weight), loss in zip(self.weights.items(), losses.unbind(), strict=True)
         }
+        return terms, {"tid_key_frac": fractions[0], "tid_weak_frac": fractions[1]}

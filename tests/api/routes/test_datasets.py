@@ -17,11 +17,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from support import Sent, assert_problem
 
-import api.dispatch
 import api.storage
-from api.db.models import Dataset
-from api.queue import PREPARE_DATASET
-from api.settings import Settings
+import store.queue
+from store.db.models import Dataset
+from store.queue import PREPARE_DATASET
+from store.settings import Settings
 
 BUILTIN = {
     "name": "shapes",
@@ -283,7 +283,7 @@ def test_dataset_is_failed_when_its_task_cannot_be_sent(
     def send(*_: str) -> None:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(api.dispatch, "send", send)
+    monkeypatch.setattr(store.queue, "send", send)
     response = client.post("/v1/datasets", json=BUILTIN, headers=owner_headers)
     assert response.status_code == 202
     assert response.json()["state"] == "failed" and "task queue" in response.json()["error"]

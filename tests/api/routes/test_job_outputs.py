@@ -15,10 +15,10 @@ from sqlalchemy.orm import Session
 from support import assert_problem
 
 import api.routes.jobs
-from api.db.models import Checkpoint, Evaluation
-from api.db.session import session_scope
-from api.db.transitions import finish
-from api.settings import Settings
+from store.db.models import Checkpoint, Evaluation
+from store.db.session import session_scope
+from store.db.transitions import finish
+from store.settings import Settings
 
 WEIGHTS = bytes(range(256)) * 4
 

@@ -16,11 +16,11 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from support import Sent, assert_problem
 
-import api.dispatch
-from api.db.models import Job, utcnow
-from api.db.session import session_scope
-from api.queue import RUN_JOB
-from api.settings import Settings
+import store.queue
+from store.db.models import Job, utcnow
+from store.db.session import session_scope
+from store.queue import RUN_JOB
+from store.settings import Settings
 
 SPEC: dict[str, Any] = {
     "name": "plain",
@@ -87,7 +87,7 @@ def test_submit_job_sends_task_after_commit(
         with session_scope(settings.database_url) as other:  # another connection
             seen.append(other.scalar(select(Job.state).where(Job.id == job_id)))
 
-    monkeypatch.setattr(api.dispatch, "send", send)
+    monkeypatch.setattr(store.queue, "send", send)
     assert client.post("/v1/jobs", json=SPEC, headers=owner_headers).status_code == 202
     assert seen == ["queued"]
 
@@ -102,8 +102,8 @@ def test_submit_job_when_broker_is_down_is_still_202_and_logged(
     def send(*_: str) -> None:
         raise ConnectionError("broker down")
 
-    monkeypatch.setattr(api.dispatch, "send", send)
-    with caplog.at_level(logging.ERROR, logger="api.dispatch"):
+    monkeypatch.setattr(store.queue, "send", send)
+    with caplog.at_level(logging.ERROR, logger="store.queue"):
         response = client.post("/v1/jobs", json=SPEC, headers=owner_headers)
     assert response.status_code == 202 and response.json()["state"] == "queued"
     assert job_count(db) == 1  # the reconciler re-sends it

@@ -10,9 +10,9 @@ from httpx import Response
 from sqlalchemy.orm import Session
 from support import Sent, assert_problem
 
-from api.db.models import Model
-from api.queue import CHECK_MODEL
-from api.settings import Settings
+from store.db.models import Model
+from store.queue import CHECK_MODEL
+from store.settings import Settings
 
 WEIGHTS = b"PK\x03\x04 not really a checkpoint" * 100
 

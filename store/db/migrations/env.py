@@ -1,15 +1,15 @@
-"""Alembic environment: URL from the config set by api.db.migrate, metadata from the models."""
+"""Alembic environment: URL from the config set by store.db.migrate, metadata from the models."""
 
 from __future__ import annotations
 
 from alembic import context
 
-from api.db.models import Base
-from api.db.session import get_engine
+from store.db.models import Base
+from store.db.session import get_engine
 
 config = context.config
 url = config.get_main_option("sqlalchemy.url")
-assert url, "api.db.migrate sets sqlalchemy.url"
+assert url, "store.db.migrate sets sqlalchemy.url"
 
 with get_engine(url).connect() as connection:
     context.configure(

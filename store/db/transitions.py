@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, select, update
 from sqlalchemy.orm import Session
 
-from api.db.models import FINAL_STATES, Job, JobEvent, utcnow
+from store.db.models import FINAL_STATES, Job, JobEvent, utcnow
 
 
 def transition(

@@ -12,11 +12,11 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from api.db.models import Dataset, Job, Model
-from api.deps import Owned, find_owned
 from api.problems import Unprocessable
-from api.settings import Settings
 from api.storage import resolve_under_roots
+from store.db.models import Dataset, Job, Model
+from store.db.owned import Owned, find_owned
+from store.settings import Settings
 from tid_core.spec import (
     IdDataset,
     JobSpec,

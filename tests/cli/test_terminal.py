@@ -8,7 +8,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import Progress, Task
 
-from api.terminal import Follower
+from cli.terminal import Follower
 
 
 class Clock:

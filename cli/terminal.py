@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from api.client import Client
+from cli.client import Client
 from tid_core.recipes import METRICS, format_table
 
 EVALUATION_COLUMNS = ("ap", "ap50", "ap75", "aps", "apm", "apl")  # in the order of METRICS

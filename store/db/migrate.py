@@ -9,7 +9,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from api.db.session import get_engine
+from store.db.session import get_engine
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 

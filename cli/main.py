@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from api.client import ApiError, Client
-from api.settings import get_settings
+from cli.client import ApiError, Client
+from store.settings import get_settings
 from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -28,7 +28,7 @@ app.add_typer(keys_app, name="keys")
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database to this code's schema."""
-    from api.db.migrate import upgrade
+    from store.db.migrate import upgrade
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -38,8 +38,8 @@ def db_upgrade() -> None:
 @keys_app.command("create")
 def keys_create(owner: Annotated[str, typer.Option(help="who the key belongs to")]) -> None:
     """Create an API key for OWNER and print it (it is stored hashed: copy it now)."""
-    from api.db.session import session_scope
-    from api.keys import create_key
+    from store.db.session import session_scope
+    from store.keys import create_key
 
     with session_scope(get_settings().database_url) as session:
         key = create_key(session, owner=owner)
@@ -70,7 +70,7 @@ def flower(
     address: str = "127.0.0.1",
 ) -> None:
     """Celery's Flower dashboard: the service queue, its workers and their tasks."""
-    from api.queue import make_celery
+    from store.queue import make_celery
 
     celery = make_celery(get_settings())
     celery.start(["flower", f"--port={port}", f"--address={address}"])
@@ -84,7 +84,7 @@ def reconcile(
     import logging
     import time
 
-    from api.db.session import TRANSIENT_ERRORS
+    from store.db.session import TRANSIENT_ERRORS
     from worker.reconcile import reconcile as reconcile_once
 
     settings = get_settings()
@@ -119,7 +119,7 @@ def _follow(client: Client, job_id: str) -> None:
     """Live progress until the job is final (stderr: stdout keeps only what scripts read)."""
     from rich.console import Console
 
-    from api.terminal import watch as follow
+    from cli.terminal import watch as follow
 
     job = follow(client, job_id, console=Console(stderr=True))
     typer.echo(_summary(job), err=True)
@@ -241,7 +241,7 @@ def cancel(job_id: str) -> None:
 @app.command()
 def compare(job_ids: list[str]) -> None:
     """A COCO mAP table of jobs' last evaluations (e.g. a teacher, `none` and `tid`)."""
-    from api.terminal import evaluation_table
+    from cli.terminal import evaluation_table
 
     client = _client()
     try:
@@ -307,7 +307,7 @@ def demo(
     port: int = 8765,
 ) -> None:
     """The whole service on embedded defaults: API + worker, a teacher and two students."""
-    from api.demo import run_demo
+    from cli.service_demo import run_demo
 
     sys.exit(run_demo(quick=quick, port=port))
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tid_core.scalars import ScalarLog
+from tid_core.tensorboard_log import ScalarLog
 
 
 def tid(data_root: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "TID_DATA_ROOT": str(data_root)}
     return subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "tensorboard", *args],
+        [sys.executable, "-m", "cli.main", "tensorboard", *args],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

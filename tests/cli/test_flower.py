@@ -20,7 +20,7 @@ def test_flower_serves_its_dashboard_for_the_service_broker(tmp_path: Path) -> N
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "flower", "--port", str(port)],
+        [sys.executable, "-m", "cli.main", "flower", "--port", str(port)],
         env={**os.environ, "TID_DATA_ROOT": str(tmp_path)},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

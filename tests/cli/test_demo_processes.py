@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from processes import alive
 
-from api.client import Client
-from api.demo import Service
+from cli.client import Client
+from cli.service_demo import Service
 
 
 def test_a_dead_service_process_stops_the_demo_naming_its_log(tmp_path: Path) -> None:

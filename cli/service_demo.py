@@ -23,18 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.client import ApiError, Client
-from api.settings import get_settings
-from api.terminal import evaluation_table
+from cli.client import ApiError, Client
+from cli.terminal import evaluation_table
+from store.settings import get_settings
 from tid_core import recipes
 from tid_core.launch import terminate_with_parent
-
-
-def job_specs(dataset_id: str, recipe: recipes.Recipe) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The teacher spec, and a student spec template (method and teacher filled in later)."""
-    dataset = {"id": dataset_id, "input_size": recipe.image_size}
-    teacher = {"name": "demo-teacher", **recipe.job(recipe.teacher, dataset, recipe.teacher_epochs)}
-    return teacher, recipe.job(recipe.student, dataset, recipe.student_epochs)
 
 
 @dataclass
@@ -57,9 +50,9 @@ class Service:
 def service(port: int) -> Iterator[Service]:
     """Start the API, one worker and the reconciler; stop them (and their children) on the
     way out."""
-    from api.db.migrate import upgrade
-    from api.db.session import session_scope
-    from api.keys import create_key
+    from store.db.migrate import upgrade
+    from store.db.session import session_scope
+    from store.keys import create_key
 
     settings = get_settings()
     upgrade(settings.database_url)
@@ -68,9 +61,9 @@ def service(port: int) -> Iterator[Service]:
     logs = settings.data_root / "demo-logs"
     logs.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "TID_DATA_ROOT": str(settings.data_root)}
-    api_cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port)]
-    worker_cmd = [sys.executable, "-m", "api.cli", "worker"]
-    reconciler_cmd = [sys.executable, "-m", "api.cli", "reconcile", "--loop"]
+    api_cmd = [sys.executable, "-m", "cli.main", "serve", "--port", str(port)]
+    worker_cmd = [sys.executable, "-m", "cli.main", "worker"]
+    reconciler_cmd = [sys.executable, "-m", "cli.main", "reconcile", "--loop"]
     commands = {"api": api_cmd, "worker": worker_cmd, "reconciler": reconciler_cmd}
     procs: dict[str, subprocess.Popen[bytes]] = {}
     try:
@@ -171,13 +164,11 @@ def run_demo(*, quick: bool, port: int) -> int:
         try:
             recipe = recipes.recipe(quick=quick)
             dataset_id = _dataset(running, recipe)
-            teacher_spec, student = job_specs(dataset_id, recipe)
-            jobs = {"teacher": _run(running, "teacher", teacher_spec)}
-            teacher_block = {**teacher_spec["student"], "weights": {"job": jobs["teacher"]["id"]}}
+            dataset = {"id": dataset_id, "input_size": recipe.image_size}
+            jobs = {"teacher": _run(running, "teacher", recipe.teacher_spec(dataset))}
+            teacher_weights = {"job": jobs["teacher"]["id"]}
             for method in ("none", "tid"):
-                spec = {**student, "name": f"demo-{method}", "distill": {"method": method}}
-                if method != "none":
-                    spec["teacher"] = teacher_block
+                spec = recipe.student_spec(dataset, method, teacher_weights)
                 jobs[method] = _run(running, method, spec)
             out = settings.data_root / "demo-tid-student.safetensors"
             etag = client.download(jobs["tid"]["id"], "student.safetensors", out)

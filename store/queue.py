@@ -1,23 +1,33 @@
-"""The Celery app as both sides see it: broker, queue and task names (no task code, no torch).
+"""The Celery app as every process sees it: broker, queue and task names, and sending a task
+(no task code, no torch).
 
 The API sends tasks by name (`send_task`) after its transaction commits; `worker.celery_app`
 registers the implementations on an app built by the same function. The reconciler is not a
 Celery task but a loop process (`tid reconcile --loop`), so it runs even when every worker is
 busy training.
+
+Tasks are sent only after the rows they name are committed, and a failed send never turns a
+written row into an error response: jobs are re-sent by the reconciler, and a dataset or model
+whose check could not be queued is marked failed with the reason, so nothing waits forever.
 """
 
 from __future__ import annotations
 
+import logging
 from functools import lru_cache
 
 from celery import Celery
+from sqlalchemy.orm import Session
 
-from api import filesystem_broker
-from api.settings import Settings
+from store import filesystem_broker
+from store.db.models import Dataset, Model
+from store.settings import Settings
 
 RUN_JOB = "tid.run_job"
 PREPARE_DATASET = "tid.prepare_dataset"
 CHECK_MODEL = "tid.check_model"
+
+log = logging.getLogger(__name__)
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -47,3 +57,24 @@ def _cached(settings_json: str) -> Celery:
 def send(settings: Settings, task: str, *args: str) -> None:
     """Send a task by name to the service queue (call after the DB transaction commits)."""
     _cached(settings.model_dump_json()).send_task(task, args=list(args), queue=settings.queue)
+
+
+def enqueue(settings: Settings, task: str, resource_id: str) -> bool:
+    """Send `task` for a committed row; False (and logged) when the broker refused it."""
+    try:
+        send(settings, task, resource_id)
+    except Exception:
+        log.exception("could not send %s(%s) to the task queue", task, resource_id)
+        return False
+    return True
+
+
+def commit_and_enqueue(
+    session: Session, settings: Settings, row: Dataset | Model, task: str
+) -> None:
+    """Insert a pending dataset or model, commit, then queue the worker task that checks it."""
+    session.add(row)
+    session.commit()
+    if not enqueue(settings, task, row.id):
+        row.state = "failed"
+        row.error = "the task queue could not be reached: please create it again"

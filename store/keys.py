@@ -14,7 +14,7 @@ import secrets
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.db.models import ApiKey
+from store.db.models import ApiKey
 
 SCHEME = "tid_"
 PREFIX_CHARS = 8  # token_urlsafe(6) is exactly 8 characters
