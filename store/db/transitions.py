@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, select, update
+from sqlalchemy import CursorResult, and_, case, select, update
 from sqlalchemy.orm import Session
 
 from store.db.models import FINAL_STATES, Job, JobEvent, utcnow
@@ -120,20 +120,30 @@ def attempts_left(job: Job) -> int:
 
 
 def request_cancel(session: Session, job_id: str) -> bool:
-    """Flag a job for cancelling; a queued job is cancelled at once. False if already final."""
-    if transition(
-        session,
-        job_id,
-        from_="queued",
-        to="cancelled",
-        cancel_requested=True,
-        finished_at=utcnow(),
-    ):
-        return True
+    """Flag a job for cancelling; a queued job is cancelled at once. False if already final.
+
+    One UPDATE decides both cases, so a job that changes state meanwhile (claimed, or sent back
+    to the queue) is never missed between two statements, and a queued job cancelled here can
+    no longer be claimed: the claim is a `queued -> running` UPDATE of its own.
+    """
+    queued = Job.state == "queued"
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "running").values(cancel_requested=True)
+        update(Job)
+        .where(Job.id == job_id, Job.state.in_(("queued", "running")))
+        .values(
+            cancel_requested=True,
+            state=case((queued, "cancelled"), else_=Job.state),
+            finished_at=case((queued, utcnow()), else_=Job.finished_at),
+        )
+        .returning(Job.state, Job.attempt)
     )
-    return isinstance(result, CursorResult) and result.rowcount == 1
+    row = result.one_or_none()
+    if row is None:
+        return False
+    if row.state == "cancelled":
+        data = {"state": "cancelled"}
+        session.add(JobEvent(job_id=job_id, attempt=row.attempt, type="state", data=data))
+    return True
 
 
 def expired_leases(session: Session, *, now: datetime) -> list[Job]:

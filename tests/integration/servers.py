@@ -19,7 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from prerequisites import missing
 
 PG_BINS = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 
@@ -45,7 +45,7 @@ class PrivatePostgres:
 
     def __init__(self) -> None:
         if not PG_BINS:
-            pytest.skip("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin)")
+            missing("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin)")
         self.bin = Path(PG_BINS[-1])
         self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="tid-pg-"))
@@ -85,7 +85,7 @@ class PrivateRedis:
     def __init__(self, log: Path) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            pytest.skip("redis-server is not installed")
+            missing("redis-server is not installed")
         self.port = free_port()
         self.log = log
         self.url = f"redis://127.0.0.1:{self.port}/0"

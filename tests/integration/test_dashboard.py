@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prerequisites import missing
 from service_jobs import make_dataset, teacher_of, tiny_spec
 
 from tid_core.models import load_student
@@ -43,12 +44,12 @@ def points(page: Any, title: str) -> int:
     return int(page.get_attribute(f'.chart[data-title="{title}"]', "data-points"))
 
 
-@pytest.mark.skipif(
-    CHROMIUM is None, reason="Debian's chromium is not installed (.ci/run installs it)"
-)
 @pytest.mark.parametrize("stack", ["embedded"], indirect=True)
 def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path: Path) -> None:
     from playwright.sync_api import expect, sync_playwright
+
+    if CHROMIUM is None:
+        missing("Debian's chromium is not installed")
 
     stack.start_worker("worker")
     dataset_id = make_dataset(stack.client)
