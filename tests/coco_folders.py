@@ -1,9 +1,12 @@
-"""COCO folders in the layouts users bring, made from the synthetic generator's."""
+"""COCO folders in the layouts users bring, made from the synthetic generators', and what the
+generators' tests read back from a folder."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import Any
 
 COCO_2017 = {"train": "train2017", "val": "val2017"}
 
@@ -17,3 +20,16 @@ def with_split_names(source: Path, dest: Path, names: dict[str, str]) -> Path:
         (annotations / f"instances_{old}.json").rename(annotations / f"instances_{new}.json")
         (dest / old).rename(dest / new)
     return dest
+
+
+def folder_files(root: Path) -> dict[str, bytes]:
+    """Every file under `root` by its relative path: two generated folders compare byte for byte."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def split_annotations(root: Path, split: str) -> dict[str, Any]:
+    """A split's COCO annotation file."""
+    content: dict[str, Any] = json.loads(
+        (root / "annotations" / f"instances_{split}.json").read_text()
+    )
+    return content

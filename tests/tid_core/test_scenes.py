@@ -4,12 +4,12 @@ classes, occlusion, sparse ids), reachable from a JobSpec, and trainable by the 
 from __future__ import annotations
 
 import importlib.resources
-import json
 from pathlib import Path
-from typing import Any, get_args
+from typing import get_args
 
 import numpy as np
 import pytest
+from coco_folders import folder_files, split_annotations
 from PIL import Image
 from test_train import run_train, write_spec
 
@@ -25,17 +25,6 @@ SMALL = {"num_train": 6, "num_val": 3, "image_size": 64, "seed": 3}
 SIZE = 96
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def _load(root: Path, split: str) -> dict[str, Any]:
-    content: dict[str, Any] = json.loads(
-        (root / "annotations" / f"instances_{split}.json").read_text()
-    )
-    return content
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("scenes") / "ds"
@@ -43,11 +32,11 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_same_seed_gives_identical_files_and_another_seed_others(tmp_path: Path) -> None:
-    first = _files(generate_scenes(tmp_path / "a", **SMALL))
-    assert first == _files(generate_scenes(tmp_path / "b", **SMALL))
+    first = folder_files(generate_scenes(tmp_path / "a", **SMALL))
+    assert first == folder_files(generate_scenes(tmp_path / "b", **SMALL))
     assert len([name for name in first if name.endswith(".png")]) == 9
     assert "scenes.json" in first
-    other = _files(generate_scenes(tmp_path / "c", **{**SMALL, "seed": 4}))
+    other = folder_files(generate_scenes(tmp_path / "c", **{**SMALL, "seed": 4}))
     assert other.keys() == first.keys()
     assert other["annotations/instances_train.json"] != first["annotations/instances_train.json"]
     assert other["train/000000000001.png"] != first["train/000000000001.png"]
@@ -55,19 +44,19 @@ def test_same_seed_gives_identical_files_and_another_seed_others(tmp_path: Path)
 
 
 def test_categories_are_many_named_once_with_sparse_ids(dataset: Path) -> None:
-    categories = _load(dataset, "train")["categories"]
+    categories = split_annotations(dataset, "train")["categories"]
     ids = [c["id"] for c in categories]
     names = [c["name"] for c in categories]
     assert len(ids) >= 10 and len(set(ids)) == len(ids) and len(set(names)) == len(names)
     assert ids != list(range(1, len(ids) + 1))  # gaps, as in COCO
-    assert _load(dataset, "val")["categories"] == categories
-    used = {ann["category_id"] for ann in _load(dataset, "train")["annotations"]}
+    assert split_annotations(dataset, "val")["categories"] == categories
+    used = {ann["category_id"] for ann in split_annotations(dataset, "train")["annotations"]}
     assert used == set(ids)
 
 
 def test_annotations_are_valid_coco_inside_the_image(dataset: Path) -> None:
     for split in ("train", "val"):
-        content = _load(dataset, split)
+        content = split_annotations(dataset, split)
         known = {c["id"] for c in content["categories"]}
         ann_ids = [ann["id"] for ann in content["annotations"]]
         assert ann_ids == list(range(1, len(ann_ids) + 1))
@@ -84,7 +73,7 @@ def test_annotations_are_valid_coco_inside_the_image(dataset: Path) -> None:
 
 
 def test_objects_overlap_and_span_a_wide_range_of_scales(dataset: Path) -> None:
-    content = _load(dataset, "train")
+    content = split_annotations(dataset, "train")
     boxes: dict[int, list[list[int]]] = {}
     for ann in content["annotations"]:
         boxes.setdefault(ann["image_id"], []).append(ann["bbox"])
@@ -161,7 +150,7 @@ def test_every_builtin_name_of_the_spec_has_a_generator(tmp_path: Path) -> None:
         )
         root = generate_builtin(spec, tmp_path / name)
         assert (root / builtin.params_file).is_file()
-        assert [c["id"] for c in _load(root, "val")["categories"]] == [
+        assert [c["id"] for c in split_annotations(root, "val")["categories"]] == [
             c.id for c in builtin.categories
         ]
 
@@ -169,10 +158,10 @@ def test_every_builtin_name_of_the_spec_has_a_generator(tmp_path: Path) -> None:
 def test_one_builtin_never_reuses_or_overwrites_anothers_folder(tmp_path: Path) -> None:
     shapes = BuiltinDataset.model_validate({"builtin": "shapes", "num_train": 2, "num_val": 1})
     root = generate_builtin(shapes, tmp_path / "ds")
-    before = _files(root)
+    before = folder_files(root)
     with pytest.raises(ValueError, match=r"scenes\.json"):
         generate_builtin(shapes.model_copy(update={"builtin": "scenes"}), root)
-    assert _files(root) == before
+    assert folder_files(root) == before
 
 
 def test_a_spec_names_scenes_and_a_shapes_spec_keeps_its_form() -> None:

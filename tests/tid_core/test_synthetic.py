@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
+from coco_folders import folder_files, split_annotations
 from PIL import Image
 
 from tid_core.data.synthetic import CATEGORIES, generate_shapes, main
 
 SMALL = {"num_train": 8, "num_val": 3, "image_size": 64, "seed": 3}
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
-
-
-def _load(root: Path, split: str) -> dict[str, Any]:
-    content: dict[str, Any] = json.loads(
-        (root / "annotations" / f"instances_{split}.json").read_text()
-    )
-    return content
 
 
 @pytest.fixture(scope="module")
@@ -33,18 +21,18 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_same_arguments_give_identical_files(tmp_path: Path) -> None:
-    first = _files(generate_shapes(tmp_path / "a", **SMALL))
-    second = _files(generate_shapes(tmp_path / "b", **SMALL))
+    first = folder_files(generate_shapes(tmp_path / "a", **SMALL))
+    second = folder_files(generate_shapes(tmp_path / "b", **SMALL))
     assert first == second
     assert len([name for name in first if name.endswith(".png")]) == 11
-    other = _files(generate_shapes(tmp_path / "c", **{**SMALL, "seed": 4}))
+    other = folder_files(generate_shapes(tmp_path / "c", **{**SMALL, "seed": 4}))
     assert other.keys() == first.keys()
     assert other["annotations/instances_train.json"] != first["annotations/instances_train.json"]
     assert other["train/000000000001.png"] != first["train/000000000001.png"]
 
 
 def test_train_and_val_use_different_streams(tmp_path: Path) -> None:
-    files = _files(generate_shapes(tmp_path / "ds", **SMALL))
+    files = folder_files(generate_shapes(tmp_path / "ds", **SMALL))
     assert files["train/000000000001.png"] != files["val/000000000001.png"]
 
 
@@ -91,7 +79,7 @@ def test_invalid_arguments_name_the_field(tmp_path: Path, field: str, value: int
 
 def test_annotations_are_valid_coco(shapes: Path) -> None:
     for split, count in (("train", 200), ("val", 20)):
-        content = _load(shapes, split)
+        content = split_annotations(shapes, split)
         assert [c["name"] for c in content["categories"]] == list(CATEGORIES)
         assert [c["id"] for c in content["categories"]] == [1, 2, 3, 4, 5]
         assert {c["supercategory"] for c in content["categories"]} == {"shape"}
@@ -112,7 +100,7 @@ def test_annotations_are_valid_coco(shapes: Path) -> None:
 
 
 def test_all_size_buckets_and_empty_images_occur(shapes: Path) -> None:
-    content = _load(shapes, "train")
+    content = split_annotations(shapes, "train")
     areas = np.array([ann["area"] for ann in content["annotations"]])
     assert (areas < 32**2).sum() > 20
     assert ((areas >= 32**2) & (areas <= 96**2)).sum() > 20
@@ -124,7 +112,7 @@ def test_all_size_buckets_and_empty_images_occur(shapes: Path) -> None:
 
 def test_boxes_are_tight_on_visible_object_pixels(shapes: Path) -> None:
     """Objects are flat-coloured: the box edges must show the object's colour."""
-    content = _load(shapes, "train")
+    content = split_annotations(shapes, "train")
     ann = max(content["annotations"], key=lambda a: a["area"])
     with Image.open(shapes / "train" / f"{ann['image_id']:012d}.png") as png:
         pixels = np.asarray(png.convert("RGB")).astype(int)
