@@ -87,6 +87,10 @@ class Client:
                         source.response.read()
                         raise ApiError(source.response)
                     for event in source.iter_sse():
+                        # httpx-sse dispatches the server's keep-alive comment as an event
+                        # with no data (it keeps the last id); the SSE spec dispatches none
+                        if not event.data:
+                            continue
                         after = int(event.id)
                         yield event.event, event.json()
                 return  # the server ends the stream once the job is final
