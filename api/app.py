@@ -76,7 +76,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.info("API ready: database %s", resolved.database_url.split("@")[-1])
         yield
 
-    app = FastAPI(title="TID service", version="1", lifespan=lifespan)
+    # /docs is the dashboard module's (vendored Swagger UI); nothing uses /redoc
+    app = FastAPI(
+        title="TID service",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+    )
     app.state.settings = resolved
     problems.install(app)
     app.add_middleware(

@@ -9,14 +9,21 @@ replica reports the same numbers and nothing is lost on restart:
 - `tid_job_attempts_total`, `tid_job_handbacks_total`: attempts started, deploy hand-backs;
 - `tid_expired_leases`: running jobs whose worker stopped renewing (the reconciler's to-do);
 - `tid_database_up`: 0 when the database could not be read for this scrape.
+
+Each series is an aggregate query: the database counts and sums, and a scrape reads a few rows
+however many jobs have finished. With `TID_METRICS_TOKEN` set, /metrics wants that bearer token;
+without it, /metrics is open and belongs behind a firewall.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import secrets
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Annotated, Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -26,8 +33,13 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 from prometheus_fastapi_instrumentator import Instrumentator
-from sqlalchemy import func, select
+from pydantic import SecretStr
+from sqlalchemy import ColumnElement, Float, case, func, select
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import FunctionElement
 
+from api.problems import Unauthorized
 from store.db.models import FINAL_STATES, JOB_STATES, Job, utcnow
 from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.settings import Settings
@@ -35,6 +47,36 @@ from store.settings import Settings
 log = logging.getLogger(__name__)
 
 DURATION_BUCKETS = (60.0, 300.0, 900.0, 1800.0, 3600.0, 3 * 3600.0, 6 * 3600.0, 24 * 3600.0)
+
+
+class RunSeconds(FunctionElement[float]):
+    """Seconds from one timestamp column to another, in SQL: SQLite and PostgreSQL spell
+    timestamp arithmetic differently (the compilers below)."""
+
+    type = Float()
+    inherit_cache = True
+
+
+@compiles(RunSeconds, "sqlite")
+def _sqlite_seconds(element: RunSeconds, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"((julianday({end}) - julianday({start})) * 86400.0)"
+
+
+@compiles(RunSeconds, "postgresql")
+def _postgresql_seconds(element: RunSeconds, compiler: SQLCompiler, **kw: Any) -> str:
+    start, end = (compiler.process(clause, **kw) for clause in element.clauses)
+    return f"CAST(EXTRACT(EPOCH FROM ({end} - {start})) AS DOUBLE PRECISION)"
+
+
+def _histogram_columns() -> list[ColumnElement[Any]]:
+    """Count, sum and one cumulative count per bucket of finished jobs' run times."""
+    seconds = RunSeconds(Job.started_at, Job.finished_at)
+    return [
+        func.count(),
+        func.coalesce(func.sum(seconds), 0.0),
+        *(func.sum(case((seconds <= bound, 1), else_=0)) for bound in DURATION_BUCKETS),
+    ]
 
 
 class ServiceCollector(Collector):
@@ -72,13 +114,18 @@ class ServiceCollector(Collector):
                 .select_from(Job)
                 .where(Job.state == "running", Job.lease_expires < utcnow())
             )
-            finished = session.execute(
-                select(Job.state, Job.started_at, Job.finished_at).where(
-                    Job.state.in_(FINAL_STATES),
-                    Job.started_at.is_not(None),
-                    Job.finished_at.is_not(None),
+            histograms = {
+                state: rest
+                for state, *rest in session.execute(
+                    select(Job.state, *_histogram_columns())
+                    .where(
+                        Job.state.in_(FINAL_STATES),
+                        Job.started_at.is_not(None),
+                        Job.finished_at.is_not(None),
+                    )
+                    .group_by(Job.state)
                 )
-            ).all()
+            }
         jobs = GaugeMetricFamily("tid_jobs", "Jobs by state", labels=["state"])
         for state in JOB_STATES:
             jobs.add_metric([state], float(counts.get(state, 0)))
@@ -101,16 +148,33 @@ class ServiceCollector(Collector):
             "tid_job_duration_seconds", "Run time of finished jobs", labels=["state"]
         )
         for state in FINAL_STATES:
-            seconds = [
-                (end - start).total_seconds()
-                for s, start, end in finished
-                if s == state and start is not None and end is not None
+            count, total, *cumulative = histograms.get(
+                state, [0, 0.0, *[0] * len(DURATION_BUCKETS)]
+            )
+            buckets = [
+                (str(b), float(n)) for b, n in zip(DURATION_BUCKETS, cumulative, strict=True)
             ]
-            buckets = [(str(b), float(sum(v <= b for v in seconds))) for b in DURATION_BUCKETS]
             durations.add_metric(
-                [state], [*buckets, ("+Inf", float(len(seconds)))], sum_value=sum(seconds)
+                [state], [*buckets, ("+Inf", float(count))], sum_value=float(total)
             )
         yield durations
+
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def _token_check(token: SecretStr) -> Callable[..., Awaitable[None]]:
+    """A dependency that lets a scrape through only with `token` as its bearer token."""
+    expected = token.get_secret_value().encode()
+
+    async def check(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> None:
+        given = credentials.credentials.encode() if credentials else b""
+        if not secrets.compare_digest(given, expected):  # constant time: no guessing by timing
+            raise Unauthorized("/metrics needs `Authorization: Bearer <TID_METRICS_TOKEN>`")
+
+    return check
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -118,8 +182,10 @@ def install(app: FastAPI, settings: Settings) -> None:
     tests with several apps never mix their series)."""
     registry = CollectorRegistry()
     registry.register(ServiceCollector(settings))
+    token = settings.metrics_token
+    guard = [Depends(_token_check(token))] if token is not None else []
     Instrumentator(
         registry=registry,
         excluded_handlers=["/metrics"],
         should_exclude_streaming_duration=True,  # an SSE stream lasts as long as its job
-    ).instrument(app).expose(app, include_in_schema=False)
+    ).instrument(app).expose(app, include_in_schema=False, dependencies=guard)

@@ -26,7 +26,8 @@ import numpy as np
 
 from bench import harness
 from tid_core.data.synthetic import generate_shapes
-from tid_core.evaluate import STAT_NAMES, Backend, coco_metrics
+from tid_core.evaluate import Backend, coco_metrics
+from tid_core.events import COCO_STATS
 
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 TOLERANCE = 1e-6  # percent points, as tests/tid_core/test_evaluate.py compares them
@@ -80,7 +81,7 @@ def make_predictions(
 
 def max_abs_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     """Largest difference over the summary stats; a stat that is None on one side only is inf."""
-    return max(_diff(a[k], b[k]) for k in STAT_NAMES)
+    return max(_diff(a[k], b[k]) for k in COCO_STATS)
 
 
 def _diff(a: float | None, b: float | None) -> float:
@@ -121,9 +122,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "max_abs_diff": max_abs_diff(metrics["faster-coco-eval"], metrics["pycocotools"]),
         "tolerance": TOLERANCE,
     }
-    result.update({k: metrics["faster-coco-eval"][k] for k in STAT_NAMES})
+    result.update({k: metrics["faster-coco-eval"][k] for k in COCO_STATS})
     result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}}
-    result["reference"] = {k: metrics["pycocotools"][k] for k in STAT_NAMES}
+    result["reference"] = {k: metrics["pycocotools"][k] for k in COCO_STATS}
     return result
 
 
@@ -140,7 +141,7 @@ def print_table(result: dict[str, Any]) -> None:
         f"{'faster-coco-eval':<18}{result['faster_coco_eval_s']:>10.3f}{result['speedup']:>10.2f}"
     )
     print(f"{'metric':<8}{'faster-coco-eval':>18}{'pycocotools':>14}")
-    for k in STAT_NAMES:
+    for k in COCO_STATS:
         fast, ref = result[k], result["reference"][k]
         print(f"{k:<8}{_fmt(fast):>18}{_fmt(ref):>14}")
     verdict = "equal" if result["max_abs_diff"] <= TOLERANCE else "DIFFERENT"

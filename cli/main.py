@@ -7,15 +7,19 @@ when they run.
 
 from __future__ import annotations
 
+import ipaddress
+import itertools
 import json
+import logging
 import sys
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
 from cli.client import ApiError, Client
-from store.settings import get_settings
+from store.settings import Settings, get_settings
 from tid_core.spec import TRAIN_SPLIT, VAL_SPLIT
 
 app = typer.Typer(no_args_is_help=True, help=__doc__)
@@ -29,9 +33,13 @@ app.add_typer(keys_app, name="keys")
 def db_upgrade() -> None:
     """Create or migrate the database to this code's schema."""
     from store.db.migrate import upgrade
+    from store.db.session import TRANSIENT_ERRORS
 
     settings = get_settings()
-    upgrade(settings.database_url)
+    try:
+        upgrade(settings.database_url)
+    except TRANSIENT_ERRORS as exc:  # unreachable, or not answering within the TID_DB_* bounds
+        _fail(exc)
     typer.echo(f"database at head: {settings.database_url.split('@')[-1]}")
 
 
@@ -64,16 +72,65 @@ def worker(concurrency: int = 1) -> None:
     celery.worker_main([*argv, "-l", "INFO"])
 
 
+def _is_loopback(address: str) -> bool:
+    if address == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name, or "" (every interface)
+        return False
+
+
 @app.command()
 def flower(
     port: Annotated[int, typer.Option(help="where Flower listens")] = 5555,
     address: str = "127.0.0.1",
 ) -> None:
-    """Celery's Flower dashboard: the service queue, its workers and their tasks."""
+    """Celery's Flower dashboard: the service queue, its workers and their tasks.
+
+    Flower can revoke tasks and stop workers, so anywhere but a loopback address it runs only
+    behind HTTP basic auth, TID_FLOWER_BASIC_AUTH (`user:password`)."""
+    settings = get_settings()
+    argv = ["flower", f"--port={port}", f"--address={address}"]
+    if settings.flower_basic_auth is not None:
+        credentials = settings.flower_basic_auth.get_secret_value()
+        user, _, password = credentials.partition(":")
+        if not (user and password) or "," in credentials:  # Flower splits its list on commas
+            _fail(ValueError("TID_FLOWER_BASIC_AUTH must be `user:password`, without commas"))
+        argv.append(f"--basic-auth={credentials}")  # an argument in this process, not in `ps`
+    elif not _is_loopback(address):
+        _fail(ValueError(f"Flower on {address!r} needs TID_FLOWER_BASIC_AUTH=user:password"))
     from store.queue import make_celery
 
-    celery = make_celery(get_settings())
-    celery.start(["flower", f"--port={port}", f"--address={address}"])
+    make_celery(settings).start(argv)
+
+
+RECONCILE_MAX_BACKOFF_SECONDS = 300.0
+
+
+def reconcile_loop(settings: Settings, *, passes: int | None = None) -> None:
+    """`tid reconcile --loop`: a pass every TID_RECONCILE_SECONDS, `passes` times (None: for
+    ever). No exception ends it: a dead reconciler would leave lost jobs lost for good. A
+    database outage is waited out at the usual pace; any other failure (a bug, a row it cannot
+    handle) is logged with its traceback, and the passes after it back off, doubling up to
+    RECONCILE_MAX_BACKOFF_SECONDS, until one succeeds."""
+    from store.db.session import TRANSIENT_ERRORS
+    from worker.reconcile import reconcile as reconcile_once
+
+    log = logging.getLogger("tid.reconcile")
+    failures = 0
+    for _ in itertools.repeat(None) if passes is None else range(passes):
+        delay = settings.reconcile_seconds
+        try:
+            reconcile_once(settings=settings)
+            failures = 0
+        except TRANSIENT_ERRORS as exc:  # the database is restarting: the next pass catches up
+            log.warning("database unavailable: %s", exc)
+        except Exception:
+            failures += 1
+            delay = max(delay, min(delay * 2 ** min(failures, 16), RECONCILE_MAX_BACKOFF_SECONDS))
+            log.exception("reconcile pass failed; the next one in %.0f s", delay)
+        time.sleep(delay)
 
 
 @app.command()
@@ -81,30 +138,21 @@ def reconcile(
     loop: Annotated[bool, typer.Option(help="repeat every TID_RECONCILE_SECONDS")] = False,
 ) -> None:
     """Re-queue jobs whose worker was lost and re-send queued jobs nobody picked up."""
-    import logging
-    import time
-
-    from store.db.session import TRANSIENT_ERRORS
-    from worker.reconcile import reconcile as reconcile_once
-
     settings = get_settings()
     if not loop:
+        from worker.reconcile import reconcile as reconcile_once
+
         typer.echo(json.dumps(reconcile_once(settings=settings)))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    while True:
-        try:
-            reconcile_once(settings=settings)
-        except TRANSIENT_ERRORS as exc:  # the database is restarting: the next pass catches up
-            logging.getLogger("tid.reconcile").warning("database unavailable: %s", exc)
-        time.sleep(settings.reconcile_seconds)
+    reconcile_loop(settings)
 
 
 def _client() -> Client:
     return Client()
 
 
-def _fail(exc: Exception) -> None:
+def _fail(exc: Exception) -> NoReturn:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(1)
 

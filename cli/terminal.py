@@ -21,9 +21,8 @@ from rich.progress import (
 )
 
 from cli.client import Client
-from tid_core.recipes import METRICS, format_table
-
-EVALUATION_COLUMNS = ("ap", "ap50", "ap75", "aps", "apm", "apl")  # in the order of METRICS
+from tid_core.events import COCO_STATS
+from tid_core.recipes import format_table
 
 
 def _bar(console: Console) -> Progress:
@@ -117,5 +116,5 @@ def evaluation_table(client: Client, jobs: dict[str, str]) -> str:
     for label, job_id in jobs.items():
         evaluations = client.metrics(job_id)["evaluations"]
         last = evaluations[-1] if evaluations else {}
-        rows[label] = {m: last.get(c) for m, c in zip(METRICS, EVALUATION_COLUMNS, strict=True)}
+        rows[label] = {name: last.get(name.lower()) for name in COCO_STATS}
     return format_table(rows)

@@ -14,6 +14,7 @@ whose check could not be queued is marked failed with the reason, so nothing wai
 from __future__ import annotations
 
 import logging
+import socket
 from functools import lru_cache
 
 from celery import Celery
@@ -30,15 +31,37 @@ CHECK_MODEL = "tid.check_model"
 log = logging.getLogger(__name__)
 
 
+def _redis_options(settings: Settings) -> dict[str, object]:
+    """Every Redis wait bounded: without a socket timeout a send to a broker that accepts the
+    connection and never answers hangs its caller (an API request) for good."""
+    idle, interval, probes = settings.keepalive
+    return {
+        "socket_connect_timeout": settings.broker_timeout_seconds,
+        "socket_timeout": settings.broker_timeout_seconds,
+        "socket_keepalive": True,
+        "socket_keepalive_options": {
+            socket.TCP_KEEPIDLE: idle,
+            socket.TCP_KEEPINTVL: interval,
+            socket.TCP_KEEPCNT: probes,
+        },
+    }
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("tid", broker=settings.broker_url)
     options: dict[str, object] = {}
     if settings.broker_url.startswith("filesystem://"):
         app.conf.broker_transport = filesystem_broker.TRANSPORT  # whole messages, each once
         options = filesystem_broker.transport_options(settings.broker_dir)
+    elif settings.broker_url.startswith(("redis://", "rediss://")):
+        options = _redis_options(settings)
     app.conf.update(
         broker_transport_options=options,
+        broker_connection_timeout=settings.broker_timeout_seconds,
         broker_connection_retry_on_startup=True,
+        # one try, bounded by the broker timeout (the caller may be an API request; redis-py
+        # itself reconnects once after a broker restart): Celery's retries made it four
+        task_publish_retry=False,
         task_default_queue=settings.queue,
         task_acks_late=True,  # the DB claim makes a redelivered message a no-op
         task_reject_on_worker_lost=True,
@@ -60,7 +83,8 @@ def send(settings: Settings, task: str, *args: str) -> None:
 
 
 def enqueue(settings: Settings, task: str, resource_id: str) -> bool:
-    """Send `task` for a committed row; False (and logged) when the broker refused it."""
+    """Send `task` for a committed row; False (and logged) when the broker refused it or did
+    not answer within `broker_timeout_seconds`."""
     try:
         send(settings, task, resource_id)
     except Exception:

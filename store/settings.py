@@ -11,8 +11,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from tid_core.spec import MAX_RUNTIME_MINUTES
+
+KEEPALIVE_PROBES = 3
 
 
 class Settings(BaseSettings):
@@ -32,11 +36,33 @@ class Settings(BaseSettings):
     # database is away, before it leaves the job to its lease (and the reconciler)
     db_retry_seconds: float = Field(default=300.0, ge=0, le=86400)
     max_attempts: int = Field(default=3, ge=1, le=100)
+    # a trainer that writes no event for this long is stuck (a deadlocked collective, a hung
+    # data loader, a dead mount): killed, and the attempt counts as a retryable failure. Keep it
+    # above the longest quiet stretch of a run: an evaluation, `log_every` steps, the wait for
+    # the run dir's lock (300 s)
+    stall_seconds: float = Field(default=1800.0, ge=1, le=7 * 86400)
+    # the most a job may run, all attempts together; a spec's schedule.max_runtime_minutes may
+    # only lower it
+    max_runtime_minutes: float = Field(default=7 * 24 * 60, gt=0, le=MAX_RUNTIME_MINUTES)
+    # bounded waits on PostgreSQL (store/db/postgres.py): connecting, one statement or lock wait
+    # (the client gives the server up 5 s later)
+    db_connect_timeout_seconds: int = Field(default=10, ge=2, le=600)
+    db_statement_timeout_seconds: float = Field(default=30.0, gt=0, le=86400)
+    # connecting to Redis and each command: a send to a broker that does not answer gives up
+    # (the job stays queued, and the reconciler sends it again)
+    broker_timeout_seconds: float = Field(default=5.0, ge=2, le=600)
+    # TCP keepalive on PostgreSQL and Redis connections: idle seconds before probing a peer,
+    # which is given up about as long again later
+    keepalive_seconds: int = Field(default=30, ge=3, le=3600)
     # jobs one owner may have queued or running at once, so nobody floods the queue (0: no limit)
     max_active_jobs_per_owner: int = Field(default=20, ge=0, le=100_000)
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)
     worker_name: str = ""  # default: hostname-pid
+    # `Authorization: Bearer <token>` that /metrics then requires (unset: open, so firewall it)
+    metrics_token: SecretStr | None = None
+    # `user:password` for `tid flower`, which refuses a non-loopback address without it
+    flower_basic_auth: SecretStr | None = None
 
     @model_validator(mode="after")
     def _defaults(self) -> Self:
@@ -66,6 +92,11 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.data_root / "broker"
+
+    @property
+    def keepalive(self) -> tuple[int, int, int]:
+        """TCP keepalive for the database and the broker: idle and interval seconds, probes."""
+        return self.keepalive_seconds, self.keepalive_seconds // KEEPALIVE_PROBES, KEEPALIVE_PROBES
 
 
 @lru_cache

@@ -50,6 +50,34 @@ def test_compose_has_the_stack(compose: dict[str, Any]) -> None:
     assert services["flower"]["command"][:2] == ["tid", "flower"]
 
 
+def test_compose_restarts_every_long_running_service(compose: dict[str, Any]) -> None:
+    """Every service of the stack is long-running (none is a one-shot job): a crash, the OOM
+    killer or a host reboot must not leave it down until someone notices."""
+    for name, service in compose["services"].items():
+        restart = service.get("restart", "no")
+        assert restart in ("always", "unless-stopped") or restart.startswith("on-failure"), name
+
+
+def test_compose_keeps_flower_on_loopback_behind_basic_auth(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["ports"] == ["127.0.0.1:5555:5555"]  # the host's loopback only
+    # inside its container Flower listens on every interface, which `tid flower` refuses
+    # without credentials; they come from the operator's environment, never from this file
+    assert flower["command"][-2:] == ["--address", "0.0.0.0"]
+    assert flower["environment"]["TID_FLOWER_BASIC_AUTH"] == "${TID_FLOWER_BASIC_AUTH:-}"
+    for name, service in compose["services"].items():  # nor the database or the broker
+        for port in service.get("ports", []):
+            assert name in ("api", "flower"), f"{name} publishes {port}"
+
+
+def test_compose_requires_no_variable_for_an_optional_service(compose: dict[str, Any]) -> None:
+    """Compose interpolates every service before it picks the profiles to run, so a
+    `${VAR:?}` in an optional service would stop `up` of the stack without it."""
+    for name, service in compose["services"].items():
+        if service.get("profiles"):
+            assert ":?" not in yaml.safe_dump(service), name
+
+
 def test_compose_env_names_are_settings(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -59,7 +87,8 @@ def test_compose_env_names_are_settings(
         for key, value in env.items():
             if key.startswith("TID_"):
                 assert key in fields, f"{name}: {key} is not a setting"
-                monkeypatch.setenv(key, value)
+                # `${VAR:-default}`, as compose interpolates it with VAR unset
+                monkeypatch.setenv(key, re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value))
         if "TID_DATABASE_URL" in env:  # the values parse as the settings they name
             settings = Settings()
             assert settings.database_url.startswith("postgresql+psycopg://")
@@ -146,6 +175,11 @@ def test_the_installed_package_carries_its_migrations_and_dashboard(tmp_path: Pa
         "api/static/index.html",
         "api/static/app.js",
         "api/static/vendor/uplot/uPlot.iife.min.js",
+        "api/static/docs.html",
+        "api/static/docs.js",
+        "api/static/vendor/swagger-ui/swagger-ui-bundle.js",
+        "api/static/vendor/swagger-ui/swagger-ui.css",
+        "api/static/vendor/swagger-ui/LICENSE",
     ):
         assert path in names, path
     versions = {p.name for p in (ROOT / "store/db/migrations/versions").glob("*.py")}

@@ -51,6 +51,7 @@ def test_the_tree_keeps_every_contract(tree: Path) -> None:
         ("api/deps.py", "import worker.runner", "the HTTP app imports neither"),
         ("tid_core/spec.py", "import torch", "the JobSpec imports neither"),
         ("tid_core/spec.py", "import tid_core.distill.tid", "the JobSpec imports neither"),
+        ("tid_core/events.py", "import tid_core.engine", "the trainer's event types import no"),
         ("tid_core/engine.py", "import store.settings", "the training core imports nothing"),
         ("store/db/models.py", "import api.app", "the shared state imports neither"),
         ("store/queue.py", "import torch", "the shared state imports neither"),

@@ -113,11 +113,14 @@ def train_one_epoch(
     grad_clip: float,
     amp: bool,
     stop: StopFlag,
+    probe: Callable[[int, dict[str, Tensor]], None] | None = None,
 ) -> Iterator[StepResult]:
     """Yield after every step. Loss terms, stats and the stop flag are all-reduced in one
     collective, so every rank sees the same values and stops (or fails) at the same step.
     `stats["data_wait"]` is the seconds the step waited for its batch: the loader's share of
-    the step time, which tells whether more loader workers would help."""
+    the step time, which tells whether more loader workers would help. `probe`, if given, sees
+    each step's loss terms before the backward; it may take gradients of its own from the
+    graph (keeping it) but must not write `.grad` (`tid_core.grad_guard`)."""
     model.train()
     step = start_step
     params = [p for p in model.parameters() if p.requires_grad]
@@ -145,6 +148,8 @@ def train_one_epoch(
         values = dict(zip(["loss", *names], reduced[:-1], strict=True))
         if not math.isfinite(reduced[0]):
             raise NonFiniteLossError(step, values)
+        if probe is not None:
+            probe(step, losses)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(total).backward()  # type: ignore[no-untyped-call]
         if grad_clip > 0:

@@ -18,13 +18,12 @@ import torch
 from faster_coco_eval import COCO, COCOeval_faster
 from torch import Tensor
 
+from tid_core.events import COCO_STATS
+
 logger = logging.getLogger(__name__)
 
 Backend = Literal["faster-coco-eval", "pycocotools"]
 DEFAULT_BACKEND: Final[Backend] = "faster-coco-eval"
-
-# The leading entries of COCO's summarize() stats, in its fixed order.
-STAT_NAMES: Final = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def coco_metrics(
@@ -52,7 +51,7 @@ def coco_metrics(
         coco_eval.summarize()
 
     result: dict[str, Any] = {
-        name: _percent(float(coco_eval.stats[i])) for i, name in enumerate(STAT_NAMES)
+        name: _percent(float(coco_eval.stats[i])) for i, name in enumerate(COCO_STATS)
     }
     result["per_class"] = _per_class_ap(coco_eval)
     result["backend"] = backend

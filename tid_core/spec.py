@@ -20,6 +20,7 @@ Backbone = Literal["resnet18", "resnet34", "resnet50", "mobilenet_v3_large"]
 Method = Literal["none", "fitnet", "pkd", "tid"]
 Task = Literal["cls", "reg"]
 ClsMatch = Literal["box", "point"]
+Areas = Literal["significance", "ground_truth"]
 
 ARCHS: tuple[Arch, ...] = ("fcos", "retinanet")
 BACKBONES: tuple[Backbone, ...] = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_large")
@@ -37,7 +38,7 @@ NUM_LEVELS = 5  # P3..P7, strides 8..128, for every backbone
 # the DistillSpec options only TID reads (FitNet and PKD are defined by their normalisation)
 TID_OPTIONS = frozenset(
     {"normalize", "tasks", "weak_areas", "alpha", "beta", "gamma", "pos_iou", "neg_iou", "p_min"}
-    | {"cls_match", "tau_key", "tau_weak"}
+    | {"cls_match", "tau_key", "tau_weak", "areas"}
 )
 
 Name = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._\- ]+$")]
@@ -184,7 +185,7 @@ Dataset = PathDataset | BuiltinDataset | IdDataset
 
 
 class DistillSpec(_Strict):
-    """Distillation method and its options (TID.md names every one of them)."""
+    """Distillation method and its options (docs/METHOD.md#options explains every one)."""
 
     method: Method = "none"
     loss_weight: float = Field(default=0.5, ge=0.0, le=100.0)
@@ -204,13 +205,17 @@ class DistillSpec(_Strict):
     pos_iou: float = Field(default=0.5, gt=0.0, le=1.0)
     neg_iou: float = Field(default=0.4, ge=0.0, lt=1.0)
     p_min: float = Field(default=0.05, ge=0.0, lt=0.5)
-    # which GT judges a location's class: the one its box overlaps ("box", TID.md) or the one
+    # which GT judges a location's class: the one its box overlaps ("box", the paper) or the one
     # containing its centre ("point": the class scored independently of the box)
     cls_match: ClsMatch = "box"
     # tuned on the held-out split (docs/BENCHMARKS.md): significant where the teacher is right
-    # on one task (2.0 x 0.4) or mid on both; weak from a 0.6 lead. TID.md started at 2.25 / 0.9
+    # on one task (2.0 x 0.4) or mid on both; weak from a 0.6 lead. the paper starts at 2.25 / 0.9
     tau_key: float = Field(default=0.8, ge=0.0, le=4.0)
     tau_weak: float = Field(default=0.6, ge=0.0, le=4.0)
+    # where the areas come from: task significance (TID), or the ground-truth boxes (a control:
+    # key = every location inside a GT box, no weak area; tells TID's scores from plain
+    # foreground weighting)
+    areas: Areas = _omitted_at_default("significance")
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -237,8 +242,13 @@ class DistillSpec(_Strict):
         )
 
 
+MAX_RUNTIME_MINUTES = 365 * 24 * 60  # a bound for the schema; the server's cap is lower
+
+
 class ScheduleSpec(_Strict):
-    """Optimisation schedule. Milestones are epochs; warm-up and logging are iterations."""
+    """Optimisation schedule. Milestones are epochs; warm-up and logging are iterations.
+    `max_runtime_minutes` stops a job that runs longer, all attempts together (it fails); None
+    = the server's cap (`TID_MAX_RUNTIME_MINUTES`), which a value may not exceed."""
 
     epochs: int = Field(default=12, ge=1, le=1000)
     batch_size: int = Field(default=8, ge=1, le=512)
@@ -257,6 +267,9 @@ class ScheduleSpec(_Strict):
     log_every: int = Field(default=10, ge=1, le=100_000)
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     amp: bool = True
+    max_runtime_minutes: Annotated[int, Field(ge=1, le=MAX_RUNTIME_MINUTES)] | None = (
+        _omitted_at_default(None)
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -279,7 +292,7 @@ class ResourcesSpec(_Strict):
 
 
 class JobSpec(_Strict):
-    """A distillation (or plain training) job. See DESIGN.md for the JSON form."""
+    """A distillation (or plain training) job. docs/ARCHITECTURE.md#jobspec shows the JSON form."""
 
     name: Name = "job"
     teacher: TeacherSpec | None = None

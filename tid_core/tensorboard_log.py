@@ -12,8 +12,9 @@ from typing import Any
 
 from torch.utils.tensorboard import SummaryWriter
 
+from tid_core.events import COCO_STATS
+
 FLUSH_SECONDS = 10  # live enough to watch; events.jsonl is the durable record
-EVAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 class ScalarLog:
@@ -40,7 +41,7 @@ class ScalarLog:
     def eval(self, step: int, metrics: dict[str, Any]) -> None:
         if self._writer is None:
             return
-        for key in EVAL_KEYS:
+        for key in COCO_STATS:
             if isinstance(metrics.get(key), int | float):
                 self._writer.add_scalar(f"eval/{key}", metrics[key], step)
 

@@ -19,6 +19,7 @@ import os
 import sys
 import traceback
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,18 @@ from tid_core.engine import (
     train_one_epoch,
 )
 from tid_core.evaluate import DEFAULT_BACKEND, coco_metrics
-from tid_core.events import EventWriter
+from tid_core.events import (
+    CheckpointEvent,
+    EndEvent,
+    ErrorEvent,
+    EvalEvent,
+    EventWriter,
+    InterruptedEvent,
+    PhaseEvent,
+    StartEvent,
+    StepEvent,
+)
+from tid_core.grad_guard import GradRatioProbe
 from tid_core.models import DetectorMeta, export_student
 from tid_core.run_lock import RunDirLocked, lock_run_dir
 from tid_core.spec import BuiltinDataset, IdDataset, JobSpec
@@ -130,24 +142,38 @@ def train(
     amp = s.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     state = TrainingState(distiller, optimizer, scheduler, scaler)
+    distill_scale = partial(
+        distill_ramp, loss_weight=d.loss_weight, warmup_iters=d.distill_warmup_iters
+    )
+    probe = None  # the gradient-ratio guard, on the main process (the others train as usual)
+    if is_main and distiller.loss is not None:
+        probe = GradRatioProbe(
+            distiller,
+            method=d.method,
+            distill_scale=distill_scale,
+            loss_weight=d.loss_weight,
+            scaler=scaler,
+            total_steps=total_steps,
+        )
 
     resumed = checkpoints.resume(state)
     p = state.progress
     purge = p.step + 1 if resumed else None
     scalars = ScalarLog(run_dir / "tensorboard" if is_main else None, purge_step=purge)
     events.emit(
-        "start",
-        step=p.step,
-        spec_hash=checkpoints.spec_hash,
-        resumed=resumed,
-        epoch=p.epoch,
-        world_size=world,
-        device=str(device),
-        amp=amp,
-        steps_per_epoch=steps_per_epoch,
-        total_steps=total_steps,
-        num_classes=train_ds.num_classes,
-        class_names=train_ds.class_names,
+        StartEvent(
+            step=p.step,
+            spec_hash=checkpoints.spec_hash,
+            resumed=resumed,
+            epoch=p.epoch,
+            world_size=world,
+            device=str(device),
+            amp=amp,
+            steps_per_epoch=steps_per_epoch,
+            total_steps=total_steps,
+            num_classes=train_ds.num_classes,
+            class_names=train_ds.class_names,
+        )
     )
     log.info("%s at step %d of %d", "resumed" if resumed else "started", p.step, total_steps)
 
@@ -155,7 +181,7 @@ def train(
         """The main process writes the checkpoint and its event; every rank waits for them."""
         if is_main:
             saved = checkpoints.save(state, epoch_end=epoch_end)
-            events.emit("checkpoint", step=p.step, durable=True, epoch=p.epoch, **asdict(saved))
+            events.emit(CheckpointEvent(step=p.step, epoch=p.epoch, **asdict(saved)), durable=True)
         dist.barrier()
 
     metrics: dict[str, Any] | None = None
@@ -164,20 +190,20 @@ def train(
         # resume after the last one, before the export, evaluates again for the export's metrics
         while p.epoch < s.epochs or p.eval_due or metrics is None:
             if p.eval_due or p.epoch >= s.epochs:
-                events.emit("phase", step=p.step, phase="eval", epoch=p.epoch)
+                events.emit(PhaseEvent(step=p.step, phase="eval", epoch=p.epoch))
                 preds = evaluate(
                     student, val_loader, device=device, cat_ids=val_ds.cat_ids, amp=amp, stop=stop
                 )
                 metrics = {}
                 if preds is not None:  # on the main process, from every rank
                     metrics = coco_metrics(val_ds.ann_file, preds, backend=DEFAULT_BACKEND)
-                    events.emit("eval", step=p.step, epoch=p.epoch, metrics=metrics)
+                    events.emit(EvalEvent(step=p.step, epoch=p.epoch, metrics=metrics))
                     scalars.eval(p.step, metrics)
                     log.info("epoch %d: AP %.2f AP50 %.2f", p.epoch, metrics["AP"], metrics["AP50"])
                 dist.barrier()
                 p.eval_due = False
                 continue
-            events.emit("phase", step=p.step, phase="train", epoch=p.epoch)
+            events.emit(PhaseEvent(step=p.step, phase="train", epoch=p.epoch))
             train_loader.sampler.set_epoch(p.epoch, start_batch=p.batch)  # type: ignore[attr-defined]
             for result in train_one_epoch(
                 model,
@@ -187,25 +213,27 @@ def train(
                 train_loader,
                 device=device,
                 start_step=p.step,
-                distill_scale=lambda step: distill_ramp(
-                    step, loss_weight=d.loss_weight, warmup_iters=d.distill_warmup_iters
-                ),
+                distill_scale=distill_scale,
                 grad_clip=s.grad_clip,
                 amp=amp,
                 stop=stop,
+                probe=probe,
             ):
                 p.step, p.batch = result.step, p.batch + 1
                 if p.step % s.log_every == 0 or p.step == 1 or result.stop:
                     events.emit(
-                        "step",
-                        step=p.step,
-                        epoch=p.epoch,
-                        total_steps=total_steps,
-                        lr=result.lr,
-                        losses=result.losses,
-                        stats=result.stats,
+                        StepEvent(
+                            step=p.step,
+                            epoch=p.epoch,
+                            total_steps=total_steps,
+                            lr=result.lr,
+                            losses=result.losses,
+                            stats=result.stats,
+                        )
                     )
                     scalars.step(p.step, losses=result.losses, stats=result.stats, lr=result.lr)
+                if probe is not None:
+                    probe.report(events, p.step)
                 if result.stop or (s.checkpoint_every and p.step % s.checkpoint_every == 0):
                     save_checkpoint(epoch_end=False)
                 if result.stop:
@@ -214,12 +242,12 @@ def train(
             p.eval_due = p.epoch == s.epochs or bool(s.eval_every and p.epoch % s.eval_every == 0)
             save_checkpoint(epoch_end=True)
     except StopRequested:
-        events.emit("interrupted", step=p.step, epoch=p.epoch, durable=True)
+        events.emit(InterruptedEvent(step=p.step, epoch=p.epoch), durable=True)
         return EXIT_INTERRUPTED
     finally:
         scalars.close()
 
-    events.emit("phase", step=p.step, phase="export")
+    events.emit(PhaseEvent(step=p.step, phase="export"))
     if is_main:
         st = spec.student
         meta = DetectorMeta(
@@ -237,7 +265,7 @@ def train(
         tmp = run_dir / "metrics.json.tmp"
         tmp.write_text(json.dumps(final, indent=2))
         tmp.replace(run_dir / "metrics.json")
-        events.emit("end", step=p.step, durable=True, metrics=final, artifacts=artifacts)
+        events.emit(EndEvent(step=p.step, metrics=final, artifacts=artifacts), durable=True)
     dist.barrier()
     return 0
 
@@ -273,13 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main_process():
             writer = events or EventWriter(args.run_dir / "events.jsonl")
             writer.emit(
-                "error",
-                step=step,
+                ErrorEvent(
+                    step=step,
+                    message=str(exc),
+                    kind=type(exc).__name__,
+                    retryable=isinstance(exc, RETRYABLE_ERRORS),
+                    traceback=traceback.format_exc(limit=8),
+                ),
                 durable=True,
-                message=str(exc),
-                kind=type(exc).__name__,
-                retryable=isinstance(exc, RETRYABLE_ERRORS),
-                traceback=traceback.format_exc(limit=8),
             )
         return 1
     finally:

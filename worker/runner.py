@@ -1,9 +1,11 @@
 """Run one job: claim it, start torchrun in its own process group, supervise it, record the end.
 
 Plain functions on a job id and the settings, so tests run them without Celery. While the
-trainer runs, the worker ingests its events, renews the lease and watches for a cancel; the
-trainer's process group never outlives the call. A worker that loses its lease stops at once
-and records nothing more: the reconciler owns the job then.
+trainer runs, the worker ingests its events, renews the lease and watches for a cancel, a
+trainer that stopped making progress and the job's run-time limit; the trainer's process group
+never outlives the call. A worker that loses its lease stops at once and records nothing more:
+the reconciler owns the job then. A watchdog thread kills the trainer when the lease runs out
+without a confirmed renewal, whatever the supervising thread is blocked on.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ from store.queue import RUN_JOB, enqueue
 from store.settings import Settings
 from tid_core.launch import terminate_with_parent, torchrun_command
 from tid_core.spec import JobSpec
-from worker.ingest import ingest_events
+from worker.ingest import EVENTS_FILE, ingest_events
+from worker.process_tree import kill_tree
 from worker.resolve import resolve_spec
+from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,6 +46,9 @@ POLL_SECONDS = 0.5
 SHUTDOWN_REASON = "handed back: the worker is shutting down"
 LOG_TAIL_LINES = 20
 GROUP_EXIT_SECONDS = 5.0  # how long SIGKILLed processes get to disappear
+# stop reasons that SIGKILL the trainer at once: another attempt may own the run dir, or the
+# trainer is stuck and would never reach the checkpoint that SIGTERM asks for
+KILL_AT_ONCE = ("lease_lost", "stalled")
 
 
 def worker_name(settings: Settings) -> str:
@@ -64,6 +71,59 @@ class _Run:
     worker: str
     run_dir: Path
     settings: Settings
+    leased_at: (
+        float  # time.monotonic() before the claim: the lease and the run time count from here
+    )
+
+
+@dataclass(frozen=True)
+class _RunTime:
+    """The job's run-time limit, and how much of it its earlier attempts used."""
+
+    minutes: float
+    source: str  # the setting the limit comes from
+    used_seconds: float
+
+    @classmethod
+    def of(cls, spec: JobSpec, settings: Settings, used_seconds: float) -> _RunTime:
+        """The spec's limit, capped by the server's (lowered since the job was submitted)."""
+        asked = spec.schedule.max_runtime_minutes
+        if asked is not None and asked <= settings.max_runtime_minutes:
+            return cls(asked, "schedule.max_runtime_minutes", used_seconds)
+        return cls(settings.max_runtime_minutes, "TID_MAX_RUNTIME_MINUTES", used_seconds)
+
+    @property
+    def left_seconds(self) -> float:
+        return self.minutes * 60 - self.used_seconds
+
+    @property
+    def exceeded(self) -> str:
+        return (
+            f"exceeded its maximum run time of {self.minutes:g} min, all attempts together "
+            f"({self.source})"
+        )
+
+
+class _Progress:
+    """When the trainer last showed progress: `events.jsonl` grew (a step, an evaluation...)."""
+
+    def __init__(self, path: Path, now: float) -> None:
+        self._path = path
+        self._size = self._read_size()
+        self._at = now
+
+    def _read_size(self) -> int:
+        try:
+            return self._path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def quiet_for(self, now: float) -> float:
+        """Seconds since the last new event."""
+        size = self._read_size()
+        if size != self._size:
+            self._size, self._at = size, now
+        return now - self._at
 
 
 def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) -> None:
@@ -74,6 +134,7 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     """
     shutdown = shutdown or threading.Event()
     worker = worker_name(settings)
+    leased_at = time.monotonic()
     with session_scope(settings.database_url) as session:
         if not transitions.claim(
             session, job_id, worker=worker, lease_seconds=settings.lease_seconds
@@ -81,16 +142,24 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
             log.info("job %s: nothing to claim (taken by another delivery, or final)", job_id)
             return
         attempt = session.get_one(Job, job_id).attempt
-    run = _Run(job_id, attempt, worker, settings.jobs_dir / job_id, settings)
+    run = _Run(job_id, attempt, worker, settings.jobs_dir / job_id, settings, leased_at)
     try:
         with session_scope(settings.database_url) as session:
             spec = resolve_spec(session, session.get_one(Job, job_id), settings)
+            used = transitions.running_seconds(session, job_id)
     except ValueError as exc:  # ResolveError and pydantic's ValidationError
         _finish(run, "failed", f"cannot run this spec: {exc}")
         return
     log.info("job %s: attempt %d on %s", job_id, run.attempt, worker)
+    runtime = _RunTime.of(spec, settings, used)
     if shutdown.is_set():
         requeue(job_id, settings=settings, worker=worker, reason=SHUTDOWN_REASON, handback=True)
+        return
+    if runtime.left_seconds <= 0:
+        _finish(run, "failed", runtime.exceeded)
+        return
+    if time.monotonic() >= leased_at + settings.lease_seconds:  # the database was that slow
+        log.warning("job %s: the lease ran out before the trainer started", job_id)
         return
     try:
         proc = _start(run, spec)
@@ -98,10 +167,10 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
         _finish(run, "failed", f"cannot start the trainer: {exc}")
         return
     try:
-        stop = _supervise(run, proc, shutdown)
+        stop = _supervise(run, proc, shutdown, runtime)
     finally:
         _kill_group(proc)
-    _conclude(run, proc.returncode, stop)
+    _conclude(run, proc.returncode, stop, runtime)
 
 
 def _start(run: _Run, spec: JobSpec) -> subprocess.Popen[bytes]:
@@ -156,54 +225,84 @@ def _signal_group(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
         os.killpg(proc.pid, sig)
 
 
-def _supervise(run: _Run, proc: subprocess.Popen[bytes], shutdown: Flag) -> str | None:
-    """Poll until the trainer exits; returns why we stopped it (cancel, shutdown, lease_lost)."""
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL every process of the trainer: its whole tree while torchrun is not reaped (its
+    pid is still its own), else what is left of its process group."""
+    if proc.poll() is None:
+        kill_tree(proc.pid)
+    else:
+        _signal_group(proc, signal.SIGKILL)
+
+
+def _supervise(
+    run: _Run, proc: subprocess.Popen[bytes], shutdown: Flag, runtime: _RunTime
+) -> str | None:
+    """Poll until the trainer exits; returns why we stopped it (cancel, shutdown, lease_lost,
+    stalled, runtime)."""
+    settings = run.settings
     stop: str | None = None
     kill_at = math.inf
     next_renew = 0.0
-    renewed_at = time.monotonic()  # the lease was fresh when the job was claimed
-    while proc.poll() is None:
-        now = time.monotonic()
-        if stop != "lease_lost":
-            try:
-                renew = now >= next_renew
-                held, cancel = _sync(run, renew=renew)
-            except TRANSIENT_ERRORS as exc:  # keep training through a database blip...
-                log.warning("job %s: database unavailable, will retry: %s", run.job_id, exc)
-                if now - renewed_at >= run.settings.lease_seconds:  # ...but not past the lease:
-                    log.warning("job %s: lease expired while the database was away", run.job_id)
-                    stop = "lease_lost"  # the reconciler may already have re-queued the job
-            else:
-                if renew:
-                    next_renew = now + run.settings.lease_seconds / 3
-                    renewed_at = now if held else renewed_at
-                if not held:
-                    log.warning("job %s: lease lost; stopping the trainer", run.job_id)
-                    stop = "lease_lost"
-                elif cancel and stop is None:
-                    log.info("job %s: cancel requested", run.job_id)
-                    stop = "cancel"
-        if shutdown.is_set() and stop is None:
-            log.info("job %s: worker shutting down; stopping the trainer", run.job_id)
-            stop = "shutdown"
-        if stop == "lease_lost":
-            # another attempt may own the run dir now: no checkpoint, no more events from us
-            _signal_group(proc, signal.SIGKILL)
-        elif stop is not None and kill_at == math.inf:
-            _signal_group(proc, signal.SIGTERM)
-            kill_at = now + run.settings.cancel_grace_seconds
-        elif now >= kill_at:
-            log.warning("job %s: trainer ignored SIGTERM; killing it", run.job_id)
-            _signal_group(proc, signal.SIGKILL)
-            kill_at = now + run.settings.cancel_grace_seconds
-        with suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=POLL_SECONDS)
-    return stop
+    progress = _Progress(run.run_dir / EVENTS_FILE, time.monotonic())
+    runtime_ends = run.leased_at + runtime.left_seconds  # from the claim, as the history counts
+    lease = Watchdog(
+        lambda: _kill(proc),
+        deadline=run.leased_at + settings.lease_seconds,
+        name=f"lease-{run.job_id}",
+    )
+    with lease:
+        while proc.poll() is None:
+            asked = time.monotonic()  # a renewal counts from before the database saw it
+            if stop != "lease_lost":
+                try:
+                    renew = asked >= next_renew
+                    held, cancel = _sync(run, renew=renew)
+                except TRANSIENT_ERRORS as exc:  # train through a blip; not past the lease
+                    log.warning("job %s: database unavailable, will retry: %s", run.job_id, exc)
+                else:
+                    if renew and held:
+                        next_renew = asked + settings.lease_seconds / 3
+                        lease.extend(asked + settings.lease_seconds)
+                    if not held:
+                        log.warning("job %s: lease lost; stopping the trainer", run.job_id)
+                        stop = "lease_lost"
+                    elif cancel and stop is None:
+                        log.info("job %s: cancel requested", run.job_id)
+                        stop = "cancel"
+            now = time.monotonic()
+            if lease.fired and stop != "lease_lost":
+                log.warning("job %s: lease ran out unrenewed: trainer killed", run.job_id)
+                stop = "lease_lost"  # the reconciler may already have re-queued the job
+            if stop is None and shutdown.is_set():
+                log.info("job %s: worker shutting down; stopping the trainer", run.job_id)
+                stop = "shutdown"
+            if stop is None and progress.quiet_for(now) >= settings.stall_seconds:
+                log.warning("job %s: %s; killing the trainer", run.job_id, _stalled(settings))
+                stop = "stalled"
+            if stop is None and now >= runtime_ends:
+                log.warning("job %s: %s; stopping the trainer", run.job_id, runtime.exceeded)
+                stop = "runtime"
+            if stop in KILL_AT_ONCE:
+                _kill(proc)
+            elif stop is not None and kill_at == math.inf:
+                _signal_group(proc, signal.SIGTERM)
+                kill_at = now + settings.cancel_grace_seconds
+            elif now >= kill_at:
+                log.warning("job %s: trainer ignored SIGTERM; killing it", run.job_id)
+                _kill(proc)
+                kill_at = now + settings.cancel_grace_seconds
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=POLL_SECONDS)
+    return "lease_lost" if lease.fired else stop
+
+
+def _stalled(settings: Settings) -> str:
+    return f"stalled: no progress for {settings.stall_seconds:g} s"
 
 
 def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     """Nothing of the trainer outlives its supervisor (torchrun's workers included)."""
-    _signal_group(proc, signal.SIGKILL)
+    _kill(proc)
     proc.wait()
     deadline = time.monotonic() + GROUP_EXIT_SECONDS
     while time.monotonic() < deadline:
@@ -231,7 +330,7 @@ def _retrying(run: _Run, what: str, call: Callable[[], T]) -> T:
             delay = min(2 * delay, 10.0)
 
 
-def _conclude(run: _Run, returncode: int, stop: str | None) -> None:
+def _conclude(run: _Run, returncode: int, stop: str | None, runtime: _RunTime) -> None:
     """Ingest the last events and record the outcome the exit code and our stop reason give."""
     if stop == "lease_lost" or not _retrying(
         run, "ingesting the last events", lambda: _sync(run, renew=True)[0]
@@ -244,8 +343,13 @@ def _conclude(run: _Run, returncode: int, stop: str | None) -> None:
         _finish(run, "cancelled")
     elif stop == "shutdown":
         _requeue(run, SHUTDOWN_REASON, handback=True)
+    elif stop == "runtime":
+        _finish(run, "failed", runtime.exceeded)
+    elif stop == "stalled":  # a hang may well not repeat (a lost peer, a mount back)
+        _fail_or_retry(run, _stalled(run.settings), retryable=True)
     else:
-        _fail_or_retry(run, returncode)
+        reason, retryable = _retrying(run, "reading the error", lambda: _failure(run, returncode))
+        _fail_or_retry(run, reason, retryable=retryable)
 
 
 def _finish(run: _Run, state: str, error: str | None = None) -> None:
@@ -261,10 +365,9 @@ def _finish(run: _Run, state: str, error: str | None = None) -> None:
         log.warning("job %s: could not record %s: no longer ours", run.job_id, state)
 
 
-def _fail_or_retry(run: _Run, returncode: int) -> None:
-    """A crashed trainer: retried while attempts are left if the failure may not repeat,
-    else failed with the trainer's own error (or the end of its log)."""
-    reason, retryable = _retrying(run, "reading the error", lambda: _failure(run, returncode))
+def _fail_or_retry(run: _Run, reason: str, *, retryable: bool) -> None:
+    """A failed attempt: retried while attempts are left if the failure may not repeat, else
+    the job fails with `reason`."""
 
     def attempts() -> tuple[int, int, int]:
         with session_scope(run.settings.database_url) as session:

@@ -19,16 +19,16 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api import evaluations
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
 from api.problems import Conflict, NotFound, Unprocessable, responses
-from api.quota import check_active_jobs
+from api.quota import check_active_jobs, check_runtime
 from api.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
     EvaluationPublic,
     JobPublic,
     JobsPublic,
-    MetricPoint,
     MetricsPublic,
 )
 from api.spec_references import checked_spec
@@ -59,18 +59,44 @@ LATEST_ROWS = 64  # a step logs a few dozen scalars at most
 MAX_METRICS = 10_000
 MAX_ROW_ID = 2**63 - 1  # BIGINT: a larger cursor id is a 422, not an overflow in the driver
 PRINTABLE = r"^[^\x00-\x1f]+$"  # PostgreSQL refuses NUL in text: a 422 here, not a 500 there
+DERIVED = {"best_ap", "latest_metrics"}  # JobPublic's fields that are no column of `jobs`
 
 
-def _public(session: Session, job: Job) -> JobPublic:
-    """The job with the metrics of its last logged step."""
+def _latest_metrics(session: Session, job: Job, latest: Evaluation | None) -> dict[str, float]:
+    """The metrics of the job's last logged step: its metric rows, and the `eval/AP`... of its
+    newest evaluation (`latest`) when that was logged last."""
     rows = session.execute(
-        select(Metric.step, Metric.name, Metric.value)
+        select(Metric.attempt, Metric.step, Metric.name, Metric.value)
         .where(Metric.job_id == job.id)
         .order_by(Metric.id.desc())
         .limit(LATEST_ROWS)
     ).all()
-    latest = {name: value for step, name, value in reversed(rows) if step == rows[0].step}
-    return JobPublic.model_validate(job).model_copy(update={"latest_metrics": latest})
+    newest = (rows[0].attempt, rows[0].step) if rows else None
+    if latest is not None and (newest is None or newest <= (latest.attempt, latest.step)):
+        step, evaluated = latest.step, evaluations.stat_points(latest)
+    elif newest is not None:
+        step, evaluated = newest[1], {}
+    else:
+        return {}
+    return {name: value for _, at, name, value in reversed(rows) if at == step} | evaluated
+
+
+def _public(session: Session, jobs: list[Job]) -> list[JobPublic]:
+    """The jobs as clients see them, with what is derived from their evaluations (one query for
+    all of them)."""
+    maps = evaluations.summaries(session, [job.id for job in jobs])
+    public = []
+    for job in jobs:
+        summary = maps.get(job.id, evaluations.NOT_EVALUATED)
+        columns = {name: getattr(job, name) for name in JobPublic.model_fields.keys() - DERIVED}
+        public.append(
+            JobPublic(
+                **columns,
+                best_ap=summary.best_ap,
+                latest_metrics=_latest_metrics(session, job, summary.latest),
+            )
+        )
+    return public
 
 
 def _replayed(session: Session, *, owner: str, key: str, request_hash: str) -> Job | None:
@@ -138,12 +164,13 @@ def submit_job(
     if idempotency_key:
         job = _replayed(session, owner=owner, key=idempotency_key, request_hash=request_hash)
     if job is None:
+        check_runtime(settings, spec)
         check_active_jobs(session, settings, owner=owner)
         job = _create_job(
             session, settings, spec, owner=owner, key=idempotency_key, request_hash=request_hash
         )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return _public(session, job)
+    return _public(session, [job])[0]
 
 
 def _encode_cursor(job: Job) -> str:
@@ -187,12 +214,12 @@ def list_jobs(
         session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1))
     )
     next_cursor = _encode_cursor(jobs[limit - 1]) if len(jobs) > limit else None
-    return JobsPublic(data=[_public(session, job) for job in jobs[:limit]], next_cursor=next_cursor)
+    return JobsPublic(data=_public(session, jobs[:limit]), next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", responses=responses(404))
 def read_job(*, session: SessionDep, owner: CurrentOwner, job_id: IdPath) -> JobPublic:
-    return _public(session, get_owned(session, Job, job_id, owner=owner))
+    return _public(session, [get_owned(session, Job, job_id, owner=owner)])[0]
 
 
 @router.get("/{job_id}/metrics", responses=responses(404))
@@ -207,16 +234,11 @@ def read_job_metrics(
 ) -> MetricsPublic:
     """Metric points in logging order (page with `after_id`), and every evaluation."""
     job = get_owned(session, Job, job_id, owner=owner)
-    query = select(Metric).where(Metric.job_id == job.id, Metric.id > after_id)
-    if name:
-        query = query.where(Metric.name == name)
-    points = session.scalars(query.order_by(Metric.id).limit(limit))
-    evaluations = session.scalars(
-        select(Evaluation).where(Evaluation.job_id == job.id).order_by(Evaluation.id)
+    points, evaluated = evaluations.metric_points(
+        session, job.id, name=name, after_id=after_id, limit=limit
     )
     return MetricsPublic(
-        data=[MetricPoint.model_validate(p) for p in points],
-        evaluations=[EvaluationPublic.model_validate(e) for e in evaluations],
+        data=points, evaluations=[EvaluationPublic.model_validate(e) for e in evaluated]
     )
 
 
@@ -253,7 +275,7 @@ def cancel_job(*, session: SessionDep, owner: CurrentOwner, job_id: IdPath) -> J
     session.refresh(job)
     if not applied:
         raise Conflict(f"job {job.id} is already {job.state}")
-    return _public(session, job)
+    return _public(session, [job])[0]
 
 
 def _poll_events(database_url: str, job_id: str, after: int) -> tuple[bool, list[Any]]:

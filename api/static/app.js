@@ -315,6 +315,7 @@ async function jobPage(view, jobId) {
   const timeline = el("ol", { class: "timeline", id: "timeline" });
   const logs = el("pre", { class: "logs", id: "logs" });
   const error = el("p", { class: "error", role: "alert" }, job.error || "");
+  const warnings = el("div", { id: "warnings" });  // the trainer's warning events
   const charts = el("div", { class: "grid" });
   const loss = new Chart(charts, "loss terms");
   const lr = new Chart(charts, "learning rate", { yTicks: sciTicks });
@@ -328,6 +329,7 @@ async function jobPage(view, jobId) {
     class: "secondary download", "data-artifact": name, onclick: () => download(jobId, name, error),
   }, `Download ${name}`));
   let current = job;
+  let gradRatio = null;  // the distillation/detection gradient ratio a distillation job measured
   const eta = new Eta(job);
   const etaFact = el("span", { id: "eta-fact" }, "eta ", el("b", { id: "eta" }, eta.text()));
   const showEta = () => { etaFact.lastChild.textContent = eta.text(); };
@@ -342,12 +344,14 @@ async function jobPage(view, jobId) {
       el("span", {}, "attempt ", el("b", {}, `${current.attempt} of ${current.max_attempts}`)),
       el("span", {}, "best mAP ", el("b", { id: "best-ap" }, fmt(current.best_ap))),
       el("span", {}, "duration ", el("b", {}, duration(current))),
+      gradRatio === null ? []
+        : el("span", {}, "grad ratio ", el("b", { id: "grad-ratio" }, fmt(gradRatio, 2))),
       FINAL.includes(current.state) ? [] : etaFact);  // `tid watch`'s ETA, while it runs
   }
   showFacts();
   view.replaceChildren(
     el("h1", {}, `${job.name} `, state), facts,
-    el("div", { class: "actions" }, cancel, ...downloads), error, charts,
+    el("div", { class: "actions" }, cancel, ...downloads), error, warnings, charts,
     el("div", { class: "grid" },
       el("div", { class: "card" }, el("h2", {}, "state timeline"), timeline),
       el("div", { class: "card" }, el("h2", {}, "trainer log"), logs)));
@@ -381,6 +385,11 @@ async function jobPage(view, jobId) {
     } else if (kind === "eval") {
       const m = data.metrics || {};
       map.add(data.step, { AP: m.AP, AP50: m.AP50, AP75: m.AP75 });
+    } else if (kind === "grad_ratio") {
+      gradRatio = data.ratio;
+      showFacts();
+    } else if (kind === "warning") {
+      warnings.append(el("p", { class: "warning", role: "status" }, `warning: ${data.message}`));
     } else if (kind === "start") {
       timeline.append(el("li", { class: "muted" }, `attempt ${data.attempt} started at step ${data.step}`));
     } else if (["interrupted", "end", "error"].includes(kind)) {

@@ -100,7 +100,6 @@ class Job(Base):
     )  # bytes of events.jsonl ingested
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
-    best_ap: Mapped[float | None] = mapped_column(Float, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     queued_at: Mapped[datetime] = mapped_column(default=utcnow)  # last (re)queue or (re)send
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -111,7 +110,7 @@ class Job(Base):
 
 
 class Metric(Base):
-    """One scalar of one step: loss terms, lr, TID area fractions, eval/AP..."""
+    """One scalar of one step: loss terms, lr, TID area fractions (mAP is in `evaluations`)."""
 
     __tablename__ = "metrics"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -153,6 +152,9 @@ class Checkpoint(Base):
 
 
 class Evaluation(Base):
+    """One COCO evaluation of the student: the one place the database keeps mAP (the API
+    derives a job's `best_ap` and its `eval/AP` points from these rows)."""
+
     __tablename__ = "evaluations"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)

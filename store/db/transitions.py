@@ -8,6 +8,7 @@ nothing, so a duplicate message or a racing worker is a no-op.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import CursorResult, and_, case, select, update
@@ -117,6 +118,22 @@ def requeue(
 def attempts_left(job: Job) -> int:
     """How many more attempts may start: hand-backs are not failures and do not count."""
     return job.max_attempts - (job.attempt - job.handbacks)
+
+
+def running_seconds(session: Session, job_id: str) -> float:
+    """How long the job ran in its attempts that ended: from each `running` state event to the
+    state change after it (so a run-time limit holds over retries and hand-backs)."""
+    changes = session.execute(
+        select(JobEvent.created_at, JobEvent.data)
+        .where(JobEvent.job_id == job_id, JobEvent.type == "state")
+        .order_by(JobEvent.id)
+    ).all()
+    ran: float = sum(
+        (end - start).total_seconds()
+        for (start, data), (end, _) in pairwise(changes)
+        if data.get("state") == "running"
+    )
+    return ran
 
 
 def request_cancel(session: Session, job_id: str) -> bool:

@@ -10,7 +10,17 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
-from store.db.models import Artifact, Dataset, Job, JobEvent, Metric, Model, new_id, utcnow
+from store.db.models import (
+    Artifact,
+    Dataset,
+    Evaluation,
+    Job,
+    JobEvent,
+    Metric,
+    Model,
+    new_id,
+    utcnow,
+)
 from store.settings import Settings
 
 SPEC: dict[str, Any] = {"name": "job", "dataset": {"builtin": "shapes"}}
@@ -79,6 +89,29 @@ def add_metrics(session: Session, job: Job, points: list[tuple[int, str, float]]
     session.add_all(
         Metric(job_id=job.id, attempt=1, step=step, name=name, value=value)
         for step, name, value in points
+    )
+    session.commit()
+
+
+def add_evaluation(
+    session: Session, job: Job, *, step: int, ap: float | None, attempt: int = 1
+) -> None:
+    """An evaluation row as the worker ingests one (AP as given, APs not measured)."""
+    session.add(
+        Evaluation(
+            job_id=job.id,
+            attempt=attempt,
+            epoch=0,
+            step=step,
+            ap=ap,
+            ap50=30.0,
+            ap75=10.0,
+            aps=None,
+            apm=5.0,
+            apl=20.0,
+            per_class={"circle": 14.0},
+            backend="faster-coco-eval",
+        )
     )
     session.commit()
 

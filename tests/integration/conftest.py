@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from databases import POSTGRES, postgres_database
 
 from cli.client import Client
 from store.db.migrate import upgrade
@@ -28,9 +29,6 @@ from store.db.session import session_scope
 from store.keys import create_key
 from store.settings import Settings
 
-POSTGRES = os.environ.get(
-    "TID_TEST_POSTGRES_URL"
-)  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
 REDIS = os.environ.get("TID_TEST_REDIS_URL")  # e.g. redis://127.0.0.1:6379
 BACKENDS = ["embedded"] + (["postgres-redis"] if POSTGRES and REDIS else [])
 
@@ -55,21 +53,6 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
-
-
-@contextlib.contextmanager
-def _postgres_database() -> Iterator[str]:
-    import psycopg
-
-    assert POSTGRES
-    name = f"tid_it_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(POSTGRES, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
-    finally:
-        with psycopg.connect(POSTGRES, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @dataclass
@@ -182,6 +165,6 @@ def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
         urls = {}
         if request.param == "postgres-redis":
             assert REDIS
-            urls["database_url"] = exits.enter_context(_postgres_database())
+            urls["database_url"] = exits.enter_context(postgres_database())
             urls["broker_url"] = f"{REDIS.rstrip('/')}/{int(uuid.uuid4().int % 15) + 1}"
         yield exits.enter_context(running_stack(tmp_path, **urls))

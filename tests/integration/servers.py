@@ -1,4 +1,5 @@
-"""Private PostgreSQL and Redis servers that a fault test may stop and restart.
+"""Private PostgreSQL and Redis servers that a fault test may stop and restart, and a relay
+that makes one stop answering.
 
 The shared servers on 127.0.0.1 belong to every test (and to CI's other runs), so a test that
 restarts "the database" or "the broker" starts its own from Debian's binaries on a free port.
@@ -11,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import select
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,3 +126,87 @@ def private_servers(tmp_path: Path) -> Iterator[tuple[PrivatePostgres, PrivateRe
             redis.stop()
     finally:
         pg.close()
+
+
+class StallingRelay:
+    """A TCP relay to `127.0.0.1:port` that can stop forwarding without closing anything: a
+    database or broker that stops answering (a failover, a half-open connection, a firewall
+    that drops packets). Stalled, it reads nothing on either side and accepts no connection,
+    so clients see connections that open (the kernel's backlog) and writes that never get a
+    reply; resumed, everything held is forwarded."""
+
+    POLL_SECONDS = 0.05
+    CHUNK = 1 << 16
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.server.getsockname()[1]
+        self.peers: dict[socket.socket, socket.socket] = {}
+        self.stalled = threading.Event()
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="relay", daemon=True)
+        self.thread.start()
+
+    def url(self, url: str) -> str:
+        """`url` (of the server on `port`) through the relay."""
+        return url.replace(f":{self.target}/", f":{self.port}/")
+
+    def _accept(self) -> None:
+        client, _ = self.server.accept()
+        client.settimeout(5)  # a client that stops reading cannot block the relay for good
+        try:
+            upstream = socket.create_connection(("127.0.0.1", self.target), timeout=5)
+        except OSError:
+            client.close()
+            return
+        self.peers[client], self.peers[upstream] = upstream, client
+
+    def _drop(self, sock: socket.socket) -> None:
+        peer = self.peers.pop(sock, None)
+        sock.close()
+        if peer is not None:
+            self.peers.pop(peer, None)
+            peer.close()
+
+    def _run(self) -> None:
+        """Until closed: forward what is readable, unless stalled (then only wait)."""
+        while not self.closed.is_set():
+            if self.stalled.is_set():
+                self.closed.wait(self.POLL_SECONDS)
+                continue
+            readable, _, _ = select.select([self.server, *self.peers], [], [], self.POLL_SECONDS)
+            for sock in readable:
+                if sock is self.server:
+                    self._accept()
+                elif sock in self.peers:
+                    try:
+                        data = sock.recv(self.CHUNK)
+                        if data:
+                            self.peers[sock].sendall(data)
+                            continue
+                    except OSError:
+                        pass
+                    self._drop(sock)
+
+    def stall(self) -> None:
+        self.stalled.set()
+
+    def resume(self) -> None:
+        self.stalled.clear()
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+        for sock in list(self.peers):
+            self._drop(sock)
+        self.server.close()
+
+
+@contextlib.contextmanager
+def stalling_relay(port: int) -> Iterator[StallingRelay]:
+    relay = StallingRelay(port)
+    try:
+        yield relay
+    finally:
+        relay.close()

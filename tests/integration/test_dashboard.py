@@ -14,23 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from browser import CHROMIUM, CHROMIUM_ARGS
 from prerequisites import missing
 from service_jobs import make_dataset, teacher_of, tiny_spec
 
+from tid_core.events import read_events
 from tid_core.models import load_student
 
 pytestmark = [pytest.mark.slow, pytest.mark.integration]
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-# a closed network: no background connections, no component updates (see the env notes)
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def shot(page: Any, tmp_path: Path, name: str) -> None:
@@ -100,6 +91,11 @@ def test_dashboard_login_submit_live_plots_download_compare(stack: Any, tmp_path
         expect(page.locator("#timeline")).to_contain_text("attempt 1 started at step 0")
         expect(page.locator("#logs")).to_contain_text("epoch 2: AP")
         expect(page.locator("#cancel")).to_be_disabled()
+        # the distillation's gradient ratio, and a warning line for each warning event
+        expect(page.locator("#grad-ratio")).to_have_text(re.compile(r"^\d+\.\d\d$"))
+        events = read_events(stack.settings.jobs_dir / job_id / "events.jsonl")
+        warnings = sum(e["type"] == "warning" for e in events)
+        expect(page.locator("#warnings .warning")).to_have_count(warnings)
         shot(page, tmp_path, "job-page")
 
         with page.expect_download() as download:

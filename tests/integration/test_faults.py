@@ -23,8 +23,8 @@ import pytest
 import redis
 import torch
 from conftest import Stack, running_stack
-from processes import AttemptWatch, rank0_trainer, signal_pending, trainer_processes
-from servers import PrivatePostgres, PrivateRedis, free_port, private_servers
+from processes import AttemptWatch, alive, rank0_trainer, signal_pending, trainer_processes
+from servers import PrivatePostgres, PrivateRedis, free_port, private_servers, stalling_relay
 from service_jobs import (
     assert_nothing_lost,
     read_job,
@@ -136,6 +136,21 @@ def long_spec(dataset_id: str, epochs: int = 3, **overrides: Any) -> dict[str, A
     """16 steps an epoch, a checkpoint at each epoch's end, one evaluation at the end."""
     schedule = {"epochs": epochs, "eval_every": 0, **overrides.pop("schedule", {})}
     return tiny_spec(dataset_id, "fault", schedule=schedule, **overrides)
+
+
+def start_api(f: Faults, name: str, **env: str) -> str:
+    """Another API process on the stack's database and broker unless `env` says otherwise;
+    its URL, once it answers."""
+    port = free_port()
+    f.stack.start(name, "serve", "--port", str(port), **env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return url
+        assert time.monotonic() < deadline, f.stack.log(name)
+        time.sleep(0.2)
 
 
 def first_step_of(events: list[dict[str, Any]], start: dict[str, Any]) -> int:
@@ -353,20 +368,11 @@ def test_api_killed_after_commit_before_enqueue_the_job_still_runs(
 ) -> None:
     f = faults(TID_REQUEUE_AFTER_SECONDS="15")  # so the test sees that nothing was sent
     dataset_id = dataset(f, num_train=16)
-    port = free_port()
     with black_hole() as hole:
-        doomed = f.stack.start(
-            "api-doomed", "serve", "--port", str(port), TID_BROKER_URL=f"redis://127.0.0.1:{hole}"
-        )
-        url = f"http://127.0.0.1:{port}"
+        # a broker timeout far past the moment the test kills the API: the send is under way
+        broker = {"TID_BROKER_URL": f"redis://127.0.0.1:{hole}", "TID_BROKER_TIMEOUT_SECONDS": "60"}
+        url = start_api(f, "api-doomed", **broker)
         headers = dict(f.stack.client.http.headers)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                    break
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
 
         def post() -> None:
             with contextlib.suppress(httpx.HTTPError):  # the API dies before it answers
@@ -383,8 +389,9 @@ def test_api_killed_after_commit_before_enqueue_the_job_still_runs(
                 break
             assert time.monotonic() < deadline, f.stack.log("api-doomed")
             time.sleep(0.05)
+        doomed = f.stack.procs.pop("api-doomed")
         os.killpg(doomed.pid, signal.SIGKILL)
-        f.stack.procs.pop("api-doomed").wait()
+        doomed.wait()
         poster.join()
 
     f.watch.watch(f.run_dir(job_id))
@@ -541,4 +548,148 @@ def test_worker_sigterm_checkpoints_hands_back_and_another_worker_resumes(
     assert second["resumed"] and second["step"] == stopped["step"]
     assert first_step_of(events, second) == stopped["step"] + 1
     assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 11 -----------------------------------------------------------------------------------------
+def assert_answered_in_time(response: httpx.Response, took: float, within: float) -> None:
+    """A dependency that does not answer is a prompt problem+json, not a hang."""
+    assert took < within, f"answered after {took:.1f} s, not within {within} s"
+    assert response.headers["content-type"] == "application/problem+json", response.text
+
+
+def test_database_that_stops_answering_stops_the_trainer_at_its_lease_end(
+    faults: Callable[..., Faults],
+) -> None:
+    """The worker's database connection stalls (a failover, a half-open connection): its
+    supervising thread waits on it longer than the lease (a reply is given up 6 + 5 s later),
+    yet its trainer is killed when the lease runs out, before the reconciler re-queues the job
+    for another worker."""
+    f = faults(TID_DB_STATEMENT_TIMEOUT_SECONDS="6", TID_DB_CONNECT_TIMEOUT_SECONDS="3")
+    dataset_id = dataset(f)
+    with stalling_relay(f.pg.port) as relay:
+        stalled = {"TID_DATABASE_URL": relay.url(f.pg.url)}
+        url = start_api(f, "api-stalled", **stalled)
+        f.stack.start("worker-a", "worker", **stalled)
+        # 45 steps left when it stalls: the trainer cannot finish within the 5 s lease (a
+        # trainer that finished unrecorded is run again, and re-exports its student)
+        job_id = f.submit(long_spec(dataset_id, epochs=4))
+        f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 3)  # past epoch 1's checkpoint
+
+        first = set(trainer_processes(f.run_dir(job_id)))
+        relay.stall()
+        stalled_at = time.monotonic()
+        f.stack.start_worker("worker-b")  # on the database directly, as the reconciler is
+        lease = int(f.settings.lease_seconds)
+        while any(alive(pid) for pid in first):
+            assert time.monotonic() - stalled_at < lease + 2, "the trainer outlived its lease"
+            time.sleep(0.05)
+
+        started = time.monotonic()
+        headers = f.stack.client.http.headers
+        response = httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers, timeout=120)
+        # the pool's ping waits 6 + 5 s for a reply, the new connection 3 s for its start-up
+        assert_answered_in_time(response, time.monotonic() - started, within=6 + 5 + 3 + 5)
+        assert response.status_code == 503
+        assert response.json()["detail"] == "the database is unavailable; retry shortly"
+
+        job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 2), job.error
+    assert "lease ran out unrenewed: trainer killed" in f.stack.log("worker-a")
+    assert [d["state"] for _, d in state_events(f.settings, job_id)] == [
+        "running",
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    _, second = resumed_starts(f, job_id)
+    assert second["resumed"] and second["step"] >= STEPS_PER_EPOCH  # the last checkpoint
+    assert_nothing_lost(f.settings, job_id, steps=4 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 12 -----------------------------------------------------------------------------------------
+def test_broker_that_stops_answering_delays_the_job_and_never_hangs_the_api(
+    faults: Callable[..., Faults],
+) -> None:
+    """Redis stalls for the API and the worker: a submit still answers 202 within the broker
+    timeout (the send gives up; the reconciler sends again), readiness says why, and the job
+    runs once the broker answers again, through a second stall while it trains."""
+    f = faults(TID_BROKER_TIMEOUT_SECONDS="2")
+    dataset_id = dataset(f, num_train=32)
+    with stalling_relay(f.redis.port) as relay:
+        stalled = {"TID_BROKER_URL": relay.url(f.redis.url)}
+        url = start_api(f, "api-stalled", **stalled)
+        f.stack.start("worker", "worker", **stalled)
+        headers = f.stack.client.http.headers
+
+        relay.stall()
+        started = time.monotonic()
+        spec = tiny_spec(dataset_id, "stalled-broker")
+        response = httpx.post(f"{url}/v1/jobs", json=spec, headers=headers, timeout=60)
+        assert time.monotonic() - started < 2 + 3, "the send did not give up in time"
+        assert response.status_code == 202 and response.json()["state"] == "queued", response.text
+        job_id = str(response.json()["id"])
+        f.watch.watch(f.run_dir(job_id))
+        started = time.monotonic()
+        ready = httpx.get(f"{url}/readyz", timeout=60)
+        assert_answered_in_time(ready, time.monotonic() - started, within=2 + 3)
+        assert ready.status_code == 503 and "broker" in ready.json()["detail"]
+        time.sleep(3)
+        assert read_job(f.settings, job_id).state == "queued"  # nothing reached the worker
+        relay.resume()
+
+        f.wait(job_id, lambda j: j.step >= 3)
+        relay.stall()  # training needs no broker: the job goes on
+        time.sleep(4)
+        relay.resume()
+        job = f.wait(job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    assert_nothing_lost(f.settings, job_id, steps=2 * 8)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 13 -----------------------------------------------------------------------------------------
+def test_trainer_that_stalls_is_killed_and_retried(faults: Callable[..., Faults]) -> None:
+    """A trainer that stops making progress (a deadlocked collective, a hung data loader, a dead
+    mount: here frozen with SIGSTOP) writes no event for TID_STALL_SECONDS: the worker kills it
+    and the attempt counts as a retryable failure."""
+    f = faults(TID_STALL_SECONDS="30")  # above a start-up on a busy machine (25 s seen)
+    f.stack.start_worker("worker")
+    job_id = f.submit(long_spec(dataset(f), epochs=2, resources={"max_attempts": 2}))
+    f.wait(job_id, lambda j: j.step >= STEPS_PER_EPOCH + 2)
+
+    os.kill(rank0_trainer(f.run_dir(job_id)), signal.SIGSTOP)
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("succeeded", 2), job.error
+    requeued = [d["reason"] for _, d in state_events(f.settings, job_id) if d["state"] == "queued"]
+    assert requeued == ["retrying (1 attempt(s) left) after: stalled: no progress for 30 s"]
+    _, second = resumed_starts(f, job_id)
+    assert second["resumed"] and second["step"] == STEPS_PER_EPOCH  # epoch 1's checkpoint
+    assert_nothing_lost(f.settings, job_id, steps=2 * STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 14 -----------------------------------------------------------------------------------------
+def test_job_past_its_run_time_limit_fails_naming_the_limit(
+    faults: Callable[..., Faults],
+) -> None:
+    """A run past TID_MAX_RUNTIME_MINUTES (here 1 min: a trainer's start-up took 30 s on a
+    busy machine) is stopped as a cancel is (it checkpoints) and fails, naming the limit."""
+    f = faults(TID_MAX_RUNTIME_MINUTES="1")
+    f.stack.start_worker("worker")
+    job_id = f.submit(long_spec(dataset(f), epochs=100))  # 1600 steps: minutes
+
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("failed", 1), job.error
+    assert job.error == (
+        "exceeded its maximum run time of 1 min, all attempts together (TID_MAX_RUNTIME_MINUTES)"
+    )
+    assert job.finished_at and job.started_at
+    assert 60 <= (job.finished_at - job.started_at).total_seconds() < 60 + 15
+    events = read_events(f.run_dir(job_id) / "events.jsonl")
+    assert events[-1]["type"] == "interrupted" and events[-1]["step"] > 0  # checkpointed
+    assert_nothing_lost(f.settings, job_id)
     f.assert_one_attempt_at_a_time_and_none_left(job_id)

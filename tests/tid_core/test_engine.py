@@ -18,7 +18,7 @@ from tid_core.engine import (
     lr_factor,
     train_one_epoch,
 )
-from tid_core.events import EventWriter, read_events
+from tid_core.events import EventWriter, PhaseEvent, read_events
 
 # ---- schedules ----------------------------------------------------------------------------------
 
@@ -184,7 +184,7 @@ def test_event_writer_ends_a_torn_line_before_appending(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     path.write_text('{"type": "step", "step": 1}\n{"type": "eval", "ste')  # killed mid-write
     writer = EventWriter(path)
-    writer.emit("start", step=1)
+    writer.emit(PhaseEvent(step=1, phase="train", epoch=0))
     writer.close()
     events = read_events(path)
-    assert [e["type"] for e in events] == ["step", "start"]  # the new run's first event is whole
+    assert [e["type"] for e in events] == ["step", "phase"]  # the new run's first event is whole

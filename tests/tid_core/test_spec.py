@@ -144,6 +144,23 @@ def test_a_student_may_name_backbone_weights_and_specs_without_them_keep_their_h
     assert "weights_backbone" in rejection(spec(teacher__weights_backbone={"path": "/w"}))
 
 
+def test_a_schedule_may_cap_its_run_time_and_specs_without_it_keep_their_hash() -> None:
+    plain = JobSpec.model_validate(FULL)
+    assert plain.schedule.max_runtime_minutes is None  # the server's cap
+    assert "max_runtime_minutes" not in plain.model_dump(mode="json")["schedule"]
+    spelled = spec(schedule__max_runtime_minutes=None)
+    assert JobSpec.model_validate(spelled).spec_hash() == plain.spec_hash()
+
+    capped = JobSpec.model_validate(spec(schedule__max_runtime_minutes=90))
+    assert capped.schedule.max_runtime_minutes == 90
+    assert capped.spec_hash() != plain.spec_hash()
+    for minutes in (0, 365 * 24 * 60 + 1):
+        assert "schedule.max_runtime_minutes" in rejection(
+            spec(schedule__max_runtime_minutes=minutes)
+        )
+    assert "valid integer" in rejection(spec(schedule__max_runtime_minutes=1.5))
+
+
 def test_trainable_backbone_layers_go_with_backbone_weights_within_the_backbones_stages() -> None:
     weights = {"path": "/w/mobilenet.pth"}
     pretrained = JobSpec.model_validate(spec(student__weights_backbone=weights))
@@ -201,6 +218,14 @@ def test_spec_hash_covers_the_options_the_method_reads(
     assert method_spec(method, **ignored).spec_hash() == first
     if read:
         assert method_spec(method, **read).spec_hash() != first
+
+
+def test_ground_truth_areas_are_a_tid_option_and_tid_specs_without_it_keep_their_hash() -> None:
+    plain = method_spec("tid")
+    assert "areas" not in plain.distill.options_read()  # what the hash covered before it
+    assert method_spec("tid", areas="significance").spec_hash() == plain.spec_hash()
+    assert method_spec("tid", areas="ground_truth").spec_hash() != plain.spec_hash()
+    assert method_spec("pkd", areas="ground_truth").spec_hash() == method_spec("pkd").spec_hash()
 
 
 def test_tid_options_are_the_tid_losss_parameters() -> None:

@@ -11,9 +11,11 @@ from torchvision.models.detection._utils import BoxCoder, BoxLinearCoder
 
 from tid_core.distill.baselines import pkd_loss
 from tid_core.distill.capture import DetectorOutputs
+from tid_core.distill.methods import DISTILL_METHODS
 from tid_core.distill.tid import (
     TIDLoss,
     feature_distance,
+    ground_truth_areas,
     region_losses,
     split_areas,
     task_significance,
@@ -214,7 +216,8 @@ def test_task_significance_ignores_gradients_of_head_outputs() -> None:
 
 # ---- LDAM: split_areas -------------------------------------------------------------------------
 
-# teacher, student, expected area with TID.md's starting thresholds (tau_key 2.25, tau_weak 0.9)
+# teacher, student, expected area with the paper's starting thresholds (tau_key 2.25, tau_weak 0.9;
+# docs/METHOD.md#thresholds)
 TID_MD = {"tau_key": 2.25, "tau_weak": 0.9}
 AREA_CASES: list[tuple[float, float, str]] = [
     (4.0, 4.0, "key"),  # both right
@@ -449,6 +452,7 @@ def tid_loss(**overrides: object) -> TIDLoss:
         "tau_key": 2.25,
         "tau_weak": 0.9,
         "normalize": False,
+        "areas": "significance",
     }
     options.update(overrides)
     return TIDLoss(**options)  # type: ignore[arg-type]
@@ -589,3 +593,38 @@ def test_tid_loss_gradient_reaches_student_features() -> None:
     out, _ = tid_loss()(student, teacher, one_gt())
     sum(out.values()).backward()
     assert all(f.grad is not None and f.grad.abs().sum() > 0 for f in fs)
+
+
+# ---- the ground-truth control -------------------------------------------------------------------
+
+
+def test_ground_truth_areas_are_the_locations_inside_a_gt_box() -> None:
+    # centres (8, 8) and (40, 40) inside the two GT boxes of image 0, (24, 24) in neither;
+    # image 1 has no GT: all rest
+    centres = [[0.0, 0.0, 16.0, 16.0], [16.0, 16.0, 32.0, 32.0], [32.0, 32.0, 48.0, 48.0]]
+    outputs = make_outputs([[IOU_0] * 3] * 2, [[probs_row(1, 0.9)] * 3] * 2, anchors=centres)
+    second = [36.0, 36.0, 44.0, 44.0]
+    targets = [{"boxes": torch.tensor([GT, second]), "labels": torch.tensor([1, 0])}, no_gt()]
+    areas = ground_truth_areas(outputs, targets)
+    assert areas.tolist() == [[True, False, True], [False, False, False]]
+
+
+def test_tid_loss_with_ground_truth_areas_weights_the_gt_locations_as_key() -> None:
+    # area_pair's scores would make {0, 4} key and {1, 3} weak; with GT areas every location
+    # whose centre (8, 8) is in GT is key, whatever the scores, and none is weak
+    fs, ft = known_distance_features()
+    student, teacher = area_pair(fs, ft)
+    out, stats = tid_loss(areas="ground_truth")(student, teacher, one_gt())
+    assert out["tid_key"].item() == pytest.approx(2.0 * ((1 + 4 + 9 + 16) / 4 + (25 + 36) / 2))
+    assert out["tid_weak"].item() == 0.0 and out["tid_rest"].item() == 0.0
+    assert stats["tid_key_frac"].item() == 1.0 and stats["tid_weak_frac"].item() == 0.0
+    out, stats = tid_loss(areas="ground_truth")(student, teacher, [no_gt()])
+    assert out["tid_key"].item() == 0.0 and stats["tid_key_frac"].item() == 0.0
+    assert out["tid_rest"].item() == pytest.approx(0.5 * (30 / 4 + 61 / 2))
+
+
+def test_ground_truth_areas_reach_the_loss_from_the_spec() -> None:
+    loss = DISTILL_METHODS["tid"](DistillSpec(method="tid", areas="ground_truth"))
+    assert isinstance(loss, TIDLoss) and loss.areas == "ground_truth"
+    with pytest.raises(ValueError, match="areas must be"):
+        tid_loss(areas="boxes")

@@ -263,6 +263,35 @@ def test_sigterm_checkpoints_and_rerun_resumes_to_the_uninterrupted_weights(
     assert all(torch.equal(resumed[name], expected[name]) for name in expected)
 
 
+@pytest.mark.parametrize(("loss_weight", "warned"), [(None, False), (100.0, True)])
+def test_a_distillation_job_reports_its_gradient_ratio_and_warns_when_far_off(
+    tmp_path: Path, dataset: Path, loss_weight: float | None, warned: bool
+) -> None:
+    teacher = make_teacher(tmp_path / "teacher.safetensors")
+    weight = {} if loss_weight is None else {"loss_weight": loss_weight}  # None: the default
+    spec = write_spec(
+        tmp_path,
+        dataset,
+        teacher=teacher_block(teacher),
+        distill={"method": "tid", "distill_warmup_iters": 3, **weight},
+        schedule={"epochs": 1},
+    )
+    run_dir = tmp_path / "run"
+    proc = run_train(spec, run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    events = read_events(run_dir / "events.jsonl")
+    [ratio] = [e for e in events if e["type"] == "grad_ratio"]
+    assert (ratio["step"], ratio["steps"], ratio["method"]) == (4, 4, "tid")
+    warnings = [e for e in events if e["type"] == "warning"]
+    if not warned:
+        assert 0.1 <= ratio["ratio"] <= 10 and warnings == []
+        return
+    [warning] = warnings
+    assert ratio["ratio"] > 10 and warning["ratio"] == ratio["ratio"]
+    assert "dominates the detection loss" in warning["message"]
+    assert warning["message"] in proc.stderr  # logged too
+
+
 def test_non_finite_loss_stops_with_error_event(tmp_path: Path, dataset: Path) -> None:
     teacher = make_teacher(tmp_path / "nan.pt", poison=True)
     spec = write_spec(
@@ -294,6 +323,30 @@ def test_teacher_with_wrong_class_count_fails_clearly(tmp_path: Path, dataset: P
     error = read_events(run_dir / "events.jsonl")[-1]
     assert error["type"] == "error" and error["kind"] == "WeightsMismatchError"
     assert "num_classes=3" in error["message"] and "num_classes=5" in error["message"]
+
+
+def test_a_teacher_and_a_student_of_one_seed_never_share_their_initial_weights(
+    tmp_path: Path, dataset: Path
+) -> None:
+    # the bench's teacher (FPN 128) and student (FPN 64) at the same seed and backbone: under
+    # one global seed their backbones started identical; now each model has its own stream
+    train_ds = CocoDetection(dataset, "train", train=True)
+
+    def backbone(fpn_channels: int) -> dict[str, torch.Tensor]:
+        spec = write_spec(tmp_path, dataset, student={"fpn_channels": fpn_channels})
+        job = JobSpec.model_validate_json(spec.read_text())
+        state = torch.get_rng_state()
+        body = build_models(job, train_ds, 64).student.backbone.body.state_dict()
+        assert torch.equal(torch.get_rng_state(), state)  # the global stream is left alone
+        return body
+
+    teacher, student, again = backbone(128), backbone(64), backbone(64)
+    drawn = [k for k, v in teacher.items() if v.dim() > 1]  # BatchNorm starts at 1 and 0
+    assert drawn
+    for key in drawn:
+        assert not torch.equal(teacher[key], student[key]), key
+    for key, value in student.items():  # the same spec starts from the same weights
+        assert torch.equal(value, again[key]), key
 
 
 def test_a_student_starts_from_its_backbone_weights(tmp_path: Path, dataset: Path) -> None:

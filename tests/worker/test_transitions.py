@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -9,6 +10,7 @@ from sqlalchemy import event
 from worker_support import MakeJob, read_job
 
 from store.db import transitions
+from store.db.models import JobEvent, utcnow
 from store.db.session import get_engine, session_scope
 from store.settings import Settings
 
@@ -65,3 +67,20 @@ def test_a_cancelled_queued_job_can_no_longer_be_claimed(
 
     assert not claimed
     assert read_job(settings, job_id).state == "cancelled"
+
+
+def test_running_seconds_add_up_the_attempts_that_ended(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    job_id = make_job(state="running", attempt=3)
+    start = utcnow() - timedelta(hours=1)
+    changes = [(0, "running"), (70, "queued"), (100, "running"), (130, "queued"), (200, "running")]
+    with session_scope(settings.database_url) as session:
+        for seconds, state in changes:
+            at = start + timedelta(seconds=seconds)
+            for kind, data in (("state", {"state": state}), ("step", {})):  # only states count
+                session.add(JobEvent(job_id=job_id, attempt=1, type=kind, data=data, created_at=at))
+        session.flush()
+        ran = transitions.running_seconds(session, job_id)
+
+    assert ran == 70 + 30  # the running attempt is not over: its own worker counts it

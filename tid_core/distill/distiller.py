@@ -3,21 +3,24 @@
 `Distiller` is what DDP wraps and the optimizer sees. The teacher is kept out of its modules
 (not a parameter, not in `state_dict`, not in DDP), frozen and in eval mode; it runs without
 grad on the student's own transformed batch inside the same forward. `build_models` builds the
-one a JobSpec declares.
+one a JobSpec declares, its student initialised from a random stream of its own (`init_seed`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from torch import Tensor, nn
 
 from tid_core.data.coco import CocoDetection
 from tid_core.distill.capture import Adapters, Detector, StudentCapture, Targets, teacher_forward
 from tid_core.distill.methods import DISTILL_METHODS
 from tid_core.models import build_detector, load_backbone, load_checked
-from tid_core.spec import JobSpec, PathWeights, Weights
+from tid_core.spec import JobSpec, ModelSpec, PathWeights, Weights
 
 
 class Distiller(nn.Module):
@@ -92,16 +95,28 @@ def _weights_path(weights: Weights, where: str) -> Path:
     return Path(weights.path)
 
 
+def init_seed(seed: int, model: ModelSpec) -> int:
+    """The seed of a student's random initialisation, from the job's seed and the model (arch,
+    backbone, FPN width): two jobs of one seed but different models, a teacher's and its
+    student's, never start from the same weights (under the one global seed a backbone starts
+    the same whatever its FPN width)."""
+    key = json.dumps([seed, model.arch, model.backbone, model.fpn_channels])
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big")
+
+
 def build_models(spec: JobSpec, train_ds: CocoDetection, input_size: int) -> Distiller:
     """The spec's student (from its backbone weights, if any), teacher and method's loss, for
-    the classes of `train_ds`; on the CPU."""
-    student = build_detector(
-        arch=spec.student.arch,
-        backbone=spec.student.backbone,
-        num_classes=train_ds.num_classes,
-        fpn_channels=spec.student.fpn_channels,
-        image_size=input_size,
-    )
+    the classes of `train_ds`; on the CPU. The student's initialisation is `init_seed`'s own
+    stream, which leaves the global random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(init_seed(spec.schedule.seed, spec.student))
+        student = build_detector(
+            arch=spec.student.arch,
+            backbone=spec.student.backbone,
+            num_classes=train_ds.num_classes,
+            fpn_channels=spec.student.fpn_channels,
+            image_size=input_size,
+        )
     if spec.student.weights_backbone is not None:
         path = _weights_path(spec.student.weights_backbone, "student.weights_backbone")
         load_backbone(

@@ -31,6 +31,7 @@ def _tid_loss(d: DistillSpec) -> TIDLoss:
         tau_key=d.tau_key,
         tau_weak=d.tau_weak,
         normalize=d.normalize,
+        areas=d.areas,
     )
 
 

@@ -1,10 +1,11 @@
-"""Task Integration Distillation (Su, Jian, Yu, arXiv 2404.01699), as specified in TID.md.
+"""Task Integration Distillation (Su, Jian, Yu, arXiv 2404.01699), as docs/METHOD.md describes it.
 
 DIEM (`task_significance`): each location gets a classification and a regression score from
 the model's own head outputs against the ground truth; their product is the location's task
 significance. LDAM (`split_areas`): key areas (teacher right, student right), weak areas
 (teacher right, student not yet) and the rest. SFDM (`feature_distance` + `region_losses`):
 a standardised feature loss, weighted per area, as a weighted mean over all locations.
+`ground_truth_areas` is a control, not TID: the ground-truth foreground as the key area.
 All functions are pure tensor maths: no files, ranks or specs.
 """
 
@@ -158,6 +159,14 @@ def split_areas(
     return significant & ~weak, weak
 
 
+def ground_truth_areas(outputs: DetectorOutputs, targets: Targets) -> Tensor:
+    """The control's key area [N, L]: every location whose centre lies inside a GT box, however
+    right or wrong either model is there (PKD weighted by the foreground, to tell what task
+    significance adds to foreground weighting)."""
+    gt_boxes, gt_labels = _padded_targets(targets)
+    return _containing_gt(_locations(outputs), gt_boxes, gt_labels >= 0)[1]
+
+
 def feature_distance(f_s: Tensor, f_t: Tensor, *, normalize: bool, eps: float = 1e-6) -> Tensor:
     """Per-location distance [N, H, W]: mean over channels of the squared difference.
 
@@ -181,9 +190,9 @@ def region_losses(distances: Sequence[Tensor], regions: Tensor) -> Tensor:
     `distances` are per level [N, H_l, W_l]; `regions` [R, N, sum_l H_l*W_l] holds each
     region's 0/1 mask over the levels' locations, in the same order. Each level is normalised
     by its total number of locations, never by the region's size: per-region means put a whole
-    level's weight on a handful of locations (TID.md). All regions and levels in one product
-    and one sum: a few kernels in all, whatever the number of levels (not a matmul, which
-    autocast would run in half precision).
+    level's weight on a handful of locations (docs/METHOD.md#region-weights). All regions and
+    levels in one product and one sum: a few kernels in all, whatever the number of levels (not
+    a matmul, which autocast would run in half precision).
     """
     scale = torch.cat([d.new_full((d[0].numel(),), 1.0 / d.numel()) for d in distances])
     flat = torch.cat([d.flatten(1) for d in distances], dim=1) * scale  # [N, sum_l H_l*W_l]
@@ -192,7 +201,8 @@ def region_losses(distances: Sequence[Tensor], regions: Tensor) -> Tensor:
 
 class TIDLoss(nn.Module):
     """The TID feature loss on the distilled levels: terms tid_key, tid_weak, tid_rest, and
-    the key and weak areas' shares of all locations as statistics."""
+    the key and weak areas' shares of all locations as statistics. `areas="ground_truth"`
+    takes the key area from the GT boxes instead (no weak area; the same distance and weights)."""
 
     def __init__(
         self,
@@ -210,8 +220,12 @@ class TIDLoss(nn.Module):
         tau_key: float,
         tau_weak: float,
         normalize: bool,
+        areas: str,
     ) -> None:
         super().__init__()
+        if areas not in ("significance", "ground_truth"):
+            raise ValueError(f"areas must be 'significance' or 'ground_truth', got {areas!r}")
+        self.areas = areas
         self.levels = list(levels)
         self.tasks = tuple(tasks)
         self.weak_areas = weak_areas
@@ -226,6 +240,9 @@ class TIDLoss(nn.Module):
         self, student: DetectorOutputs, teacher: DetectorOutputs, targets: Targets
     ) -> tuple[Tensor, Tensor]:
         """(key, weak) masks [N, L] over all head locations."""
+        if self.areas == "ground_truth":
+            key = ground_truth_areas(teacher, targets)
+            return key, torch.zeros_like(key)
         score_t, score_s = task_significance(
             [teacher, student],
             targets,

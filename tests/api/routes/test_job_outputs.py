@@ -9,13 +9,13 @@ import threading
 from typing import Any
 
 import pytest
-from factories import add_artifact, add_event, add_metrics, make_job
+from factories import add_artifact, add_evaluation, add_event, add_metrics, make_job
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
 from support import assert_problem
 
 import api.routes.jobs
-from store.db.models import Checkpoint, Evaluation
+from store.db.models import Checkpoint
 from store.db.session import session_scope
 from store.db.transitions import finish
 from store.settings import Settings
@@ -39,35 +39,26 @@ def parse_sse(text: str) -> list[dict[str, Any]]:
     return frames
 
 
+EVAL_POINTS = ["eval/AP", "eval/AP50", "eval/AP75", "eval/APm", "eval/APl"]  # APs is None
+
+
 def test_metrics_lists_points_in_order_with_filters_and_evaluations(
     client: TestClient, owner_headers: dict[str, str], db: Session
 ) -> None:
     job = make_job(db, owner="alice")
-    add_metrics(db, job, [(1, "loss", 3.0), (1, "lr", 0.1), (2, "loss", 2.0), (2, "eval/AP", 12.5)])
-    db.add(
-        Evaluation(
-            job_id=job.id,
-            attempt=1,
-            epoch=0,
-            step=2,
-            ap=12.5,
-            ap50=30.0,
-            ap75=10.0,
-            aps=None,
-            apm=5.0,
-            apl=20.0,
-            per_class={"circle": 14.0},
-            backend="faster-coco-eval",
-        )
-    )
-    db.commit()
+    add_metrics(db, job, [(1, "loss", 3.0), (1, "lr", 0.1), (2, "loss", 2.0)])
+    add_evaluation(db, job, step=2, ap=12.5)
     url = f"/v1/jobs/{job.id}/metrics"
     body = client.get(url, headers=owner_headers).json()
     assert [(m["step"], m["name"], m["value"]) for m in body["data"]] == [
         (1, "loss", 3.0),
         (1, "lr", 0.1),
         (2, "loss", 2.0),
-        (2, "eval/AP", 12.5),
+        (2, "eval/AP", 12.5),  # the evaluation's statistics, as points
+        (2, "eval/AP50", 30.0),
+        (2, "eval/AP75", 10.0),
+        (2, "eval/APm", 5.0),
+        (2, "eval/APl", 20.0),
     ]
     assert body["data"][0]["attempt"] == 1
     [evaluation] = body["evaluations"]
@@ -79,8 +70,44 @@ def test_metrics_lists_points_in_order_with_filters_and_evaluations(
 
     losses = client.get(url, params={"name": "loss"}, headers=owner_headers).json()["data"]
     assert [m["value"] for m in losses] == [3.0, 2.0]
+    ap = client.get(url, params={"name": "eval/AP"}, headers=owner_headers).json()["data"]
+    assert [(m["step"], m["value"]) for m in ap] == [(2, 12.5)]
     after = client.get(url, params={"after_id": body["data"][1]["id"]}, headers=owner_headers)
-    assert [m["name"] for m in after.json()["data"]] == ["loss", "eval/AP"]
+    assert [m["name"] for m in after.json()["data"]] == ["loss", *EVAL_POINTS]
+
+
+def test_metric_points_page_in_logging_order_with_evaluations_between_steps(
+    client: TestClient, owner_headers: dict[str, str], db: Session
+) -> None:
+    """An evaluation's points come after the steps logged before it, pages of any size see
+    each point once, and an evaluation ingested after a page was read still comes later."""
+    job = make_job(db, owner="alice")
+    add_metrics(db, job, [(1, "loss", 3.0), (2, "loss", 2.0)])
+    add_evaluation(db, job, step=2, ap=12.5)
+    add_metrics(db, job, [(3, "loss", 1.0), (4, "loss", 0.5)])
+    url = f"/v1/jobs/{job.id}/metrics"
+    expected = [
+        (1, "loss"),
+        (2, "loss"),
+        *[(2, name) for name in EVAL_POINTS],
+        (3, "loss"),
+        (4, "loss"),
+    ]
+    whole = client.get(url, headers=owner_headers).json()["data"]
+    assert [(m["step"], m["name"]) for m in whole] == expected
+    for limit in (1, 2, 4):
+        seen: list[dict[str, Any]] = []
+        while page := client.get(
+            url,
+            params={"after_id": seen[-1]["id"] if seen else 0, "limit": limit},
+            headers=owner_headers,
+        ).json()["data"]:
+            seen += page
+        assert seen == whole, limit
+
+    add_evaluation(db, job, step=4, ap=14.0)  # the next evaluation, after a client's last read
+    newer = client.get(url, params={"after_id": whole[-1]["id"]}, headers=owner_headers).json()
+    assert [(m["step"], m["name"]) for m in newer["data"]] == [(4, n) for n in EVAL_POINTS]
 
 
 def test_checkpoints_are_listed_oldest_first(

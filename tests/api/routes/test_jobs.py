@@ -5,18 +5,29 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import socket
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
-from factories import add_artifact, add_event, add_metrics, make_dataset, make_job, make_model
+from factories import (
+    add_artifact,
+    add_evaluation,
+    add_event,
+    add_metrics,
+    make_dataset,
+    make_job,
+    make_model,
+)
 from fastapi.testclient import TestClient
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 from support import Sent, assert_problem
 
 import store.queue
+from api.app import create_app
 from store.db.models import Job, utcnow
 from store.db.session import session_scope
 from store.queue import RUN_JOB
@@ -108,6 +119,45 @@ def test_submit_job_when_broker_is_down_is_still_202_and_logged(
     assert response.status_code == 202 and response.json()["state"] == "queued"
     assert job_count(db) == 1  # the reconciler re-sends it
     assert "could not send tid.run_job" in caplog.text
+
+
+def test_submit_job_when_the_broker_does_not_answer_is_202_within_its_timeout(
+    settings: Settings, owner_headers: dict[str, str], db: Session
+) -> None:
+    """A broker that accepts the connection and never answers (a failover, a dropped
+    connection): the send gives up after `broker_timeout_seconds`, the job stays queued."""
+    with socket.create_server(("127.0.0.1", 0)) as hole:  # the backlog accepts; nobody reads
+        url = f"redis://127.0.0.1:{hole.getsockname()[1]}/0"
+        stalled = settings.model_copy(update={"broker_url": url, "broker_timeout_seconds": 2})
+        with TestClient(create_app(stalled)) as client:
+            started = time.monotonic()
+            response = client.post("/v1/jobs", json=SPEC, headers=owner_headers)
+            took = time.monotonic() - started
+    assert response.status_code == 202 and response.json()["state"] == "queued", response.text
+    assert took < 2 + 3, took  # one try, plus the request's own work on a slow machine
+    assert job_count(db) == 1  # the reconciler re-sends it
+
+
+@pytest.mark.parametrize(
+    ("minutes", "status"), [(30, 202), (60, 202), (61, 422)], ids=["under", "at", "over"]
+)
+def test_submit_job_may_ask_for_a_run_time_up_to_the_servers_limit(
+    client: TestClient,
+    owner_headers: dict[str, str],
+    settings: Settings,
+    monkeypatch: pytest.MonkeyPatch,
+    minutes: int,
+    status: int,
+) -> None:
+    monkeypatch.setattr(settings, "max_runtime_minutes", 60.0)
+    body = {**SPEC, "schedule": {**SPEC["schedule"], "max_runtime_minutes": minutes}}
+    response = client.post("/v1/jobs", json=body, headers=owner_headers)
+    if status == 202:
+        assert response.status_code == 202, response.text
+        assert response.json()["spec"]["schedule"]["max_runtime_minutes"] == minutes
+        return
+    problem = assert_problem(response, 422, "max_runtime_minutes is 61", "limit of 60 minutes")
+    assert problem["errors"][0]["loc"] == ["body", "schedule", "max_runtime_minutes"]
 
 
 def test_submit_job_unknown_field_is_422_naming_it(
@@ -252,6 +302,34 @@ def test_read_job_has_latest_metrics_of_last_step(
     assert body["latest_metrics"] == {"loss": 1.5, "lr": 0.02}
     assert (body["state"], body["step"], body["total_steps"]) == ("running", 20, 100)
     assert body["started_at"].endswith("Z") and body["finished_at"] is None
+
+
+def test_best_ap_and_the_latest_evaluation_come_from_the_evaluations(
+    client: TestClient, owner_headers: dict[str, str], db: Session
+) -> None:
+    job = make_job(db, owner="alice", state="running", step=20, total_steps=100)
+    add_metrics(db, job, [(10, "loss", 2.0), (20, "loss", 1.5)])
+    add_evaluation(db, job, step=10, ap=12.5)
+    other = make_job(db, owner="alice")
+    add_metrics(db, other, [(5, "loss", 3.0)])
+    body = client.get(f"/v1/jobs/{job.id}", headers=owner_headers).json()
+    assert body["best_ap"] == 12.5
+    assert body["latest_metrics"] == {"loss": 1.5}  # the evaluation came before step 20
+
+    add_evaluation(db, job, step=20, ap=9.0)  # lower than the best, logged last
+    body = client.get(f"/v1/jobs/{job.id}", headers=owner_headers).json()
+    assert body["best_ap"] == 12.5
+    assert body["latest_metrics"] == {
+        "loss": 1.5,
+        "eval/AP": 9.0,
+        "eval/AP50": 30.0,
+        "eval/AP75": 10.0,
+        "eval/APm": 5.0,
+        "eval/APl": 20.0,
+    }
+    listed = client.get("/v1/jobs", headers=owner_headers).json()["data"]
+    assert {j["id"]: j["best_ap"] for j in listed} == {job.id: 12.5, other.id: None}
+    assert {j["id"]: j["latest_metrics"] for j in listed}[other.id] == {"loss": 3.0}
 
 
 @pytest.mark.parametrize(

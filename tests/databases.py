@@ -1,0 +1,29 @@
+"""PostgreSQL for the tests that also run against it: the shared server of
+`TID_TEST_POSTGRES_URL` (set by `.ci/run`), with a database of their own per test."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+
+POSTGRES = os.environ.get(
+    "TID_TEST_POSTGRES_URL"
+)  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """The URL of a new, empty database on the shared server, dropped afterwards."""
+    import psycopg
+
+    assert POSTGRES
+    name = f"tid_it_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
