@@ -1,7 +1,8 @@
 """Accuracy: what each distillation method buys a student, measured side by side.
 
-One teacher is trained once (cached by its spec and dataset); then the same student is trained
-with the same budget under every method and seed: `none`, `fitnet`, `pkd`, `tid` and TID's
+One teacher is trained once (cached by its spec and dataset, at a seed no student uses); then
+the same student is trained with the same budget under every method and seed: `none`, `fitnet`,
+`pkd`, `pkd-gt` (PKD with TID's weights on the ground-truth foreground), `tid` and TID's
 ablations (classification only, regression only, no weak areas). The table gives, per method,
 the mean and std over seeds of COCO AP, AP50, AP75, APs/m/l, the share of the teacher-student
 gap it closes, the wall time of a run, and the ratio of the distillation to the detection
@@ -21,31 +22,71 @@ and teacher). The same command serves real COCO on a GPU:
 
 `--tune` runs the TID loss-weight/gamma grid on the tuning dataset and seed (disjoint from the
 reporting ones) instead of the comparison.
+
+`--protocol capacity` is issue #22's capacity-gap protocol (docs/BENCHMARKS.md, "Capacity-gap
+protocol: design and budget"), with sizes of its own: synthetic `scenes`, 2,000 training images
+of 128 px, the 1,000 validation images for the tables and 1,000 others (dataset seed 7) for the
+tuning; a ResNet34-FPN256 teacher per setting, 8 epochs, evaluated after each (it must have
+plateaued: its last epoch, at the final learning rate, gains at most 1 AP); students 3 epochs.
+Settings (teacher -> student, optimizer of every run): `main` FCOS -> MobileNetV3-FPN128, SGD;
+`r18-adamw` FCOS -> ResNet18-FPN128, AdamW; `retinanet` RetinaNet -> MobileNetV3-FPN128, SGD.
+Every method (fitnet, pkd, pkd-gt, tid, tid-point, tid-key2.25-weak0.9) gets the same 3 x 2
+trials, its loss weight x its own knob, on the tuning split and seed of `main`; its best trial
+is locked for every setting; each setting's table has the student alone at its budget and at
+the teacher's, and every locked method, over seeds 1-5: AP per seed, mean ± std, the paired
+difference to the student alone and to the best baseline (bootstrap 95% interval) and the share
+of the gap closed against either lone student. The stages run apart, across sessions: each run
+leaves a small JSON record in docs/results/capacity/runs/ (keyed by its spec and its teacher's
+weights) that a later session reuses; a teacher is trained again only when a run needs it, and
+must then come out bitwise the same (same CPU, 2 threads) as the recorded one.
+
+    python bench/accuracy.py --protocol capacity --stage tune --jobs 2 --json FILE
+    python bench/accuracy.py --protocol capacity --stage report --settings main --jobs 2 \
+        --json FILE
+
+Budget (CPU seconds per training image at 1 thread, measured on the EPYC guest): students
+alone 0.10-0.16, distilled from the ResNet34-FPN256 teacher 0.22-0.27 (its forward doubles a
+MobileNetV3 student's step), the teacher 0.36-0.38, evaluation 0.02-0.1 per image. `main`'s
+table: 30 distilled runs x 3 epochs x 2,000 images x 0.218 = 39,240 s, the student alone
+5 x 6,000 x 0.107 = 3,210 s and at the teacher's budget 5 x 16,000 x 0.107 = 8,560 s, 40
+evaluations 2,000 s, its teacher 6,640 s: 59,650 s, 8.3 h of 2 cores; `r18-adamw` 10.4 h,
+`retinanet` 8.3 h; the tuning (37 runs and the teacher) 7.8 h: a session per stage and
+setting. The issue's 8 h for all three tables would leave each student ~200 steps, in which a
+student on scenes barely starts to learn (BENCHMARKS.md has the pilot). `--quick` runs every
+stage at 8 images of 64 px, one trial per method.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
+import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
+import numpy as np
 import torch
 
 from bench import harness
 from tid_core import recipes
 from tid_core.checkpoint import sha256_file
+from tid_core.data.builtin import BUILTINS
 from tid_core.data.coco import CocoDetection, build_loader
-from tid_core.data.synthetic import generate_shapes
+from tid_core.data.generator import generate
 from tid_core.demo import run_job
 from tid_core.distill.distiller import build_models
-from tid_core.spec import JobSpec, PathDataset
+from tid_core.events import read_events
+from tid_core.models import read_weights
+from tid_core.spec import DistillSpec, JobSpec, PathDataset
 
 METRICS = recipes.METRICS
 # the student's distillation block per method; loss weights are the spec's defaults unless
@@ -54,6 +95,9 @@ METHODS: dict[str, dict[str, Any]] = {
     "none": {"method": "none"},
     "fitnet": {"method": "fitnet"},
     "pkd": {"method": "pkd"},
+    # PKD with TID's area weights on the ground-truth foreground: what TID's areas add to
+    # weighting the foreground
+    "pkd-gt": {"method": "tid", "areas": "ground_truth"},
     "tid": {"method": "tid"},
     "tid-cls": {"method": "tid", "tasks": ["cls"]},
     "tid-reg": {"method": "tid", "tasks": ["reg"]},
@@ -62,15 +106,17 @@ METHODS: dict[str, dict[str, Any]] = {
     "tid-point": {"method": "tid", "cls_match": "point"},
     "tid-cls-point": {"method": "tid", "tasks": ["cls"], "cls_match": "point"},
     # the thresholds, explicit so that a name keeps its meaning when the defaults change:
-    # TID.md's starting point (key: mid on both tasks, 2.25; weak: a 0.9 lead; the defaults
-    # until the tuning in docs/BENCHMARKS.md set 0.8 / 0.6), and lower key thresholds: 0.8
-    # admits a location right on one task (2.0 x 0.4), 0.6 also one mid on one (1.5 x 0.4).
+    # the paper's starting point (docs/METHOD.md#thresholds; key: mid on both tasks, 2.25;
+    # weak: a 0.9 lead; the defaults until the tuning in docs/BENCHMARKS.md set 0.8 / 0.6),
+    # and lower key thresholds: 0.8 admits a location right on one task (2.0 x 0.4), 0.6 also
+    # one mid on one (1.5 x 0.4).
     "tid-key2.25-weak0.9": {"method": "tid", "tau_key": 2.25, "tau_weak": 0.9},
     "tid-key0.8": {"method": "tid", "tau_key": 0.8, "tau_weak": 0.9},
     "tid-key0.6": {"method": "tid", "tau_key": 0.6, "tau_weak": 0.9},
 }
 TEACHER_MARGIN_AP = 3.0  # the teacher must beat the lone student by this many AP points
 TUNING_SEED = 0  # the tuning grid's seed and dataset seed; reporting seeds must differ
+TEACHER_SEED = 100  # teachers train at a seed no student uses (tuning 0, reporting 1, 2, ...)
 TUNE_GRID = {"loss_weight": (0.25, 0.5, 1.0), "gamma": (0.5, 1.0)}
 PROBE_BATCHES = 4
 
@@ -108,8 +154,11 @@ def job_spec(
     device: str,
     distill: dict[str, Any] | None = None,
     teacher: dict[str, Any] | None = None,
+    final_epochs: int = 1,
+    eval_every: int = 0,
 ) -> dict[str, Any]:
-    schedule = recipe.schedule(epochs)
+    """A job's spec (`final_epochs`, `eval_every`: `Recipe.schedule`'s), validated."""
+    schedule = recipe.schedule(epochs, final_epochs=final_epochs, eval_every=eval_every)
     spec: dict[str, Any] = {
         "name": name,
         "student": model,
@@ -198,17 +247,27 @@ def format_rows(table: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def synthetic(
+    args: argparse.Namespace, recipe: recipes.Recipe, *, num_train: int, seed: int
+) -> Path:
+    """The recipe's synthetic dataset drawn with `seed`, in a folder of --out whose name says
+    everything it was generated from (the run records key on it)."""
+    builtin = BUILTINS[recipe.dataset]
+    name = f"{builtin.name}-v{builtin.format_version}-{num_train}-{recipe.num_val}"
+    return generate(
+        builtin,
+        args.out / f"{name}-{recipe.image_size}px-seed{seed}",
+        num_train=num_train,
+        num_val=recipe.num_val,
+        image_size=recipe.image_size,
+        seed=seed,
+    )
+
+
 def prepare_data(args: argparse.Namespace, recipe: recipes.Recipe) -> Path:
     if args.dataset:
         return Path(args.dataset)
-    data: Path = generate_shapes(
-        args.out / f"shapes-{recipe.num_train}-{recipe.image_size}",
-        num_train=recipe.num_train,
-        num_val=recipe.num_val,
-        image_size=recipe.image_size,
-        seed=0,
-    )
-    return data
+    return synthetic(args, recipe, num_train=recipe.num_train, seed=0)
 
 
 def tuning_data(args: argparse.Namespace, recipe: recipes.Recipe, data: Path) -> Path:
@@ -218,14 +277,8 @@ def tuning_data(args: argparse.Namespace, recipe: recipes.Recipe, data: Path) ->
         if not args.tune_dataset:
             raise SystemExit("--tune with --dataset needs --tune-dataset (a held-out COCO folder)")
         return Path(args.tune_dataset)
-    other = generate_shapes(
-        args.out / f"shapes-{recipe.num_train}-{recipe.image_size}-heldout",
-        num_train=1,
-        num_val=recipe.num_val,
-        image_size=recipe.image_size,
-        seed=TUNING_SEED + 7,
-    )
-    root: Path = args.out / f"tuning-{recipe.num_train}-{recipe.image_size}"
+    other = synthetic(args, recipe, num_train=1, seed=TUNING_SEED + 7)
+    root: Path = args.out / f"{data.name}-val-from-{other.name}"
     (root / "annotations").mkdir(parents=True, exist_ok=True)
     for split, source in (("train", data), ("val", other)):
         ann = root / "annotations" / f"instances_{split}.json"
@@ -235,67 +288,132 @@ def tuning_data(args: argparse.Namespace, recipe: recipes.Recipe, data: Path) ->
     return root
 
 
-def train_teacher(
-    args: argparse.Namespace, recipe: recipes.Recipe, data: Path, dataset: dict[str, Any]
+def teacher_job(
+    args: argparse.Namespace,
+    recipe: recipes.Recipe,
+    dataset: dict[str, Any],
+    *,
+    plateau: bool = False,
 ) -> tuple[dict[str, Any], Path]:
+    """The teacher's spec and run folder; trained at its own seed, so that no student shares
+    its shuffling (nor, with its own initialisation stream, its initial weights). With
+    `plateau`, evaluated after every epoch, its last `PLATEAU_EPOCHS` at the final rate."""
     spec = job_spec(
         "bench-teacher",
         initialised(recipe.teacher, args.teacher_weights_backbone),
         dataset,
         recipe=recipe,
         epochs=recipe.teacher_epochs,
-        seed=0,
+        seed=TEACHER_SEED,
         device=args.device,
+        final_epochs=PLATEAU_EPOCHS if plateau else 1,
+        eval_every=int(plateau),
     )
     key = JobSpec.model_validate(spec).spec_hash()[:12]
-    run_dir = args.out / f"teacher-{key}"
-    # the teacher trains alone: it gets every core, not the students' share
-    cores = len(os.sched_getaffinity(0))
+    return spec, args.out / f"teacher-{key}"
+
+
+def cores() -> int:
+    """The teacher trains alone: it gets every core, not the students' share."""
+    return len(os.sched_getaffinity(0))
+
+
+def train_teacher(
+    args: argparse.Namespace, recipe: recipes.Recipe, data: Path, dataset: dict[str, Any]
+) -> tuple[dict[str, Any], Path]:
+    spec, run_dir = teacher_job(args, recipe, dataset)
     inputs = {"data": str(data), **digests(backbone=args.teacher_weights_backbone)}
-    result = run_job("teacher", spec, run_dir, inputs=inputs, threads=cores)
+    result = run_job("teacher", spec, run_dir, inputs=inputs, threads=cores())
     return result, run_dir / "student.safetensors"
 
 
-def students(
-    pool: ThreadPoolExecutor,
+class Job(NamedTuple):
+    """One student run: its row (method), label, spec and run folder."""
+
+    row: str
+    label: str
+    spec: dict[str, Any]
+    run_dir: Path
+
+
+class Runner(Protocol):
+    def __call__(
+        self, name: str, spec: dict[str, Any], run_dir: Path, *, inputs: dict[str, str]
+    ) -> dict[str, Any]: ...
+
+
+def student_jobs(
     args: argparse.Namespace,
     methods: dict[str, dict[str, Any]],
     recipe: recipes.Recipe,
     dataset: dict[str, Any],
     teacher: dict[str, Any],
-    weights: dict[str, float],
-    seeds: list[int],
-) -> dict[str, list[Future[dict[str, Any]]]]:
-    """Queue every (method, seed) run on `pool`, in order (`methods`: name -> distill block);
-    their futures by method."""
-    inputs = digests(
-        teacher=Path(teacher["weights"]["path"]), backbone=args.student_weights_backbone
-    )
-    todo = []
-    for name, block in methods.items():
-        distill = dict(block)
-        if name in weights:
-            distill["loss_weight"] = weights[name]
+    seeds: Sequence[int],
+    *,
+    epochs: int | None = None,
+    final_epochs: int = 1,
+) -> list[Job]:
+    """Every (method, seed) run, in order (`methods`: name -> distill block; `none` trains
+    without the teacher), at the students' budget unless `epochs` says otherwise."""
+    jobs = []
+    for name, distill in methods.items():
         for seed in seeds:
             spec = job_spec(
                 f"bench-{name}-s{seed}",
                 initialised(recipe.student, args.student_weights_backbone),
                 dataset,
                 recipe=recipe,
-                epochs=recipe.student_epochs,
+                epochs=epochs or recipe.student_epochs,
                 seed=seed,
                 device=args.device,
                 distill=distill,
-                teacher=teacher if name != "none" else None,
+                teacher=teacher if distill["method"] != "none" else None,
+                final_epochs=final_epochs,
             )
             key = JobSpec.model_validate(spec).spec_hash()[:12]
-            todo.append(
-                (name, f"{name}-s{seed}", spec, args.out / "runs" / f"{name}-s{seed}-{key}")
-            )
-    futures: dict[str, list[Future[dict[str, Any]]]] = {name: [] for name in methods}
-    for name, label, spec, run_dir in todo:
-        futures[name].append(pool.submit(run_job, label, spec, run_dir, inputs=inputs))
+            label = f"{name}-s{seed}"
+            jobs.append(Job(name, label, spec, args.out / "runs" / f"{label}-{key}"))
+    return jobs
+
+
+def submit(
+    pool: ThreadPoolExecutor, jobs: list[Job], inputs: dict[str, str], run: Runner = run_job
+) -> dict[str, list[Future[dict[str, Any]]]]:
+    """Queue `jobs` on `pool` in order (`inputs`: the digests of the files they are trained
+    from, by role; a run without a teacher does not get the teacher's); their futures by row."""
+    futures: dict[str, list[Future[dict[str, Any]]]] = {}
+    for job in jobs:
+        given = {k: v for k, v in inputs.items() if k != "teacher" or "teacher" in job.spec}
+        future = pool.submit(run, job.label, job.spec, job.run_dir, inputs=given)
+        futures.setdefault(job.row, []).append(future)
     return futures
+
+
+def distilled(methods: Sequence[str], weights: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Each method's distill block, at its loss weight in `weights` where it has one."""
+    return {
+        name: {**METHODS[name], **({"loss_weight": weights[name]} if name in weights else {})}
+        for name in methods
+    }
+
+
+def refuse(args: argparse.Namespace, message: str) -> None:
+    """Stop with `message`, or (quick mode: nothing there means anything) print it."""
+    if not args.quick:
+        raise SystemExit(f"refused: {message}")
+    print(f"note (quick mode, not enforced): {message}", flush=True)
+
+
+def margin_problem(teacher_ap: float, alone: float) -> str | None:
+    """Why a comparison would mean nothing, if it would: a teacher not `TEACHER_MARGIN_AP`
+    above the student alone."""
+    if teacher_ap >= alone + TEACHER_MARGIN_AP:
+        return None
+    return (
+        f"the teacher ({teacher_ap:.1f} AP) is not clearly stronger than the student alone "
+        f"({alone:.1f} AP; margin {TEACHER_MARGIN_AP}): a comparison would mean nothing; train "
+        "the teacher longer"
+    )
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,15 +426,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         teacher=args.teacher or recipe.teacher,
         student=args.student or recipe.student,
     )
-    seeds = (
-        [int(s) for s in args.seeds.split(",")]
-        if args.seeds
-        else ([1] if args.quick else [1, 2, 3])
-    )
-    if args.tune:
-        seeds = [TUNING_SEED]
-    elif TUNING_SEED in seeds and not args.quick:
-        raise SystemExit(f"seed {TUNING_SEED} is the tuning seed: report on other seeds")
+    seeds = [TUNING_SEED] if args.tune else args.seeds
     data = prepare_data(args, recipe)
     # a COCO folder's own split names (the synthetic folders use the defaults)
     splits = (
@@ -333,11 +443,11 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             "input_size": recipe.image_size,
             **splits,
         }
-        return tune(args, recipe, held_out, teacher, teacher_ap)
+        return tune(args, recipe, held_out, teacher, teacher_ap, teacher_weights)
 
     unit = {}  # the gradient ratio at loss weight 1: it scales linearly with the weight
-    distilled = [m for m in args.methods if m != "none"]
-    for name in distilled:
+    others = [m for m in args.methods if m != "none"]
+    for name in others:
         probe = job_spec(
             "probe",
             initialised(recipe.student, args.student_weights_backbone),
@@ -359,22 +469,19 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         name: args.match_grad_ratio / ratio if args.match_grad_ratio else weight
         for name, ratio in unit.items()
     }
-    methods = {name: METHODS[name] for name in ["none", *distilled]}
+    inputs = digests(teacher=teacher_weights, backbone=args.student_weights_backbone)
+    methods = distilled(["none", *others], weights)
     # one queue for every run, the lone student's first: no core waits for a method's last seed
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = students(pool, args, methods, recipe, dataset, teacher, weights, seeds)
+        jobs = student_jobs(args, methods, recipe, dataset, teacher, seeds)
+        futures = submit(pool, jobs, inputs)
         base = summarise([f.result() for f in futures["none"]])["AP"]
-        margin_ok = teacher_ap >= base + TEACHER_MARGIN_AP
-        if not margin_ok:
-            message = (
-                f"the teacher ({teacher_ap:.1f} AP) is not clearly stronger than the student "
-                f"alone ({base:.1f} AP; margin {TEACHER_MARGIN_AP}): a comparison would mean "
-                "nothing; train the teacher longer"
-            )
+        problem = margin_problem(teacher_ap, base)
+        margin_ok = problem is None
+        if problem is not None:
             if not args.quick:
                 pool.shutdown(cancel_futures=True)  # the runs already started still finish
-                raise SystemExit(f"refused: {message}")
-            print(f"note (quick mode, not enforced): {message}", flush=True)
+            refuse(args, problem)
         results = {name: [f.result() for f in runs] for name, runs in futures.items()}
 
     table: dict[str, dict[str, Any]] = {"teacher": summarise([teacher_run])}
@@ -402,29 +509,525 @@ def tune(
     dataset: dict[str, Any],
     teacher: dict[str, Any],
     teacher_ap: float,
+    teacher_weights: Path,
 ) -> dict[str, Any]:
     """The given methods (default: TID's loss weight x gamma grid) on the held-out split and
     the tuning seed, with `none`."""
-    grid: dict[str, dict[str, Any]] = {}
     if args.methods:
-        grid = {name: METHODS[name] for name in args.methods}
+        given = [] if args.loss_weight is None else [m for m in args.methods if m != "none"]
+        methods = distilled(args.methods, dict.fromkeys(given, args.loss_weight))
     else:
+        methods = {"none": METHODS["none"]}
         for lw in TUNE_GRID["loss_weight"]:
             for gamma in TUNE_GRID["gamma"]:
-                grid[f"tid-lw{lw}-g{gamma}"] = {"method": "tid", "loss_weight": lw, "gamma": gamma}
-    methods = {"none": METHODS["none"], **grid}
-    weights = {
-        name: args.loss_weight
-        for name, block in grid.items()
-        if args.loss_weight is not None and "loss_weight" not in block
-    }
+                block = {"method": "tid", "loss_weight": lw, "gamma": gamma}
+                methods[f"tid-lw{lw}-g{gamma}"] = block
+    inputs = digests(teacher=teacher_weights, backbone=args.student_weights_backbone)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = students(pool, args, methods, recipe, dataset, teacher, weights, [TUNING_SEED])
+        jobs = student_jobs(args, methods, recipe, dataset, teacher, [TUNING_SEED])
+        futures = submit(pool, jobs, inputs)
         table = {name: summarise([f.result() for f in runs]) for name, runs in futures.items()}
     return {"teacher_AP": teacher_ap, "tuning_seed": TUNING_SEED, "methods": table}
 
 
+# ---- the capacity-gap protocol (`--protocol capacity`; sizes and budget in the docstring) ----
+
+
+class Setting(NamedTuple):
+    """A teacher -> student pair (ARCH:BACKBONE:FPN) and the optimizer of every run in it."""
+
+    teacher: str
+    student: str
+    optimizer: recipes.Optimizer
+
+
+SETTINGS = {
+    "main": Setting("fcos:resnet34:256", "fcos:mobilenet_v3_large:128", "sgd"),
+    "r18-adamw": Setting("fcos:resnet34:256", "fcos:resnet18:128", "adamw"),
+    "retinanet": Setting("retinanet:resnet34:256", "retinanet:mobilenet_v3_large:128", "sgd"),
+}
+
+
+class Grid(NamedTuple):
+    """A method's tuning trials: each loss weight with each value of its own main knob."""
+
+    knob: str
+    values: tuple[int | float, ...]
+    loss_weights: tuple[float, ...] = (0.5, 2.0, 8.0)
+
+
+# Every method gets 3 x 2 trials, and its defaults (λ 0.5, the knob's spec default) are one of
+# them, so the tuning table also says whether a default holds. FitNet's raw-feature loss started
+# at 191x the detection gradient at λ 0.5 (METHOD.md, deviation 7): its weights go down from the
+# default where the standardised losses' go up (MMRazor's PKD weights are several times 0.5).
+RAMP = (100, 500)  # distill_warmup_iters: the default, and over two of the students' 3 epochs
+TUNED = {
+    "fitnet": Grid("distill_warmup_iters", RAMP, (0.5 / 16, 0.5 / 4, 0.5)),
+    "pkd": Grid("distill_warmup_iters", RAMP),
+    "pkd-gt": Grid("gamma", (0.5, 1.0)),
+    "tid": Grid("gamma", (0.5, 1.0)),
+    "tid-point": Grid("gamma", (0.5, 1.0)),
+    "tid-key2.25-weak0.9": Grid("gamma", (0.5, 1.0)),
+}
+KNOB_LABELS = {"distill_warmup_iters": "ramp", "gamma": "g"}
+DEFAULTS = DistillSpec()
+BASELINES = ("fitnet", "pkd", "pkd-gt")
+ALONE_AT_TEACHER_BUDGET = "none-teacher-budget"
+# the grid runs on this setting only; its locked choices are every setting's: whether they
+# hold elsewhere is part of what the other settings measure (and it keeps to the budget)
+TUNING_SETTING = "main"
+# the teacher's last epochs at the final learning rate (so the last one's gain says whether it
+# has plateaued); the student alone at the teacher's budget trains on the same schedule
+PLATEAU_EPOCHS = 2
+PLATEAU_TOL_AP = 1.0  # a teacher whose last epoch (at the final rate) gained more still learns
+BOOTSTRAP_RESAMPLES = 10_000
+CAPACITY = recipes.Recipe(
+    num_train=2000,
+    num_val=1000,
+    image_size=128,
+    teacher=model_block(SETTINGS["main"].teacher),
+    student=model_block(SETTINGS["main"].student),
+    teacher_epochs=8,
+    student_epochs=3,
+    warmup_iters=100,
+    optimizer="sgd",
+    dataset="scenes",
+)
+# every path of the protocol at the smallest sizes (every FPN 64 wide, one step an epoch, one
+# trial per method)
+CAPACITY_QUICK = dataclasses.replace(
+    CAPACITY,
+    num_train=8,
+    num_val=4,
+    image_size=64,
+    teacher_epochs=2,
+    student_epochs=1,
+    warmup_iters=1,
+)
+# a teacher's weights are bitwise the same when it is trained again on the same machine with
+# the same number of threads (not with another), and a run's records hold to its weights
+TEACHER_THREADS = 2
+
+
+def setting_recipe(setting: Setting, *, quick: bool) -> recipes.Recipe:
+    base = CAPACITY_QUICK if quick else CAPACITY
+    fpn = {"fpn_channels": 64} if quick else {}
+    return dataclasses.replace(
+        base,
+        teacher={**model_block(setting.teacher), **fpn},
+        student={**model_block(setting.student), **fpn},
+        optimizer=setting.optimizer,
+    )
+
+
+def paired_difference(
+    a: Sequence[float], b: Sequence[float], *, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
+) -> dict[str, float]:
+    """Mean of a - b over paired seeds, and its 95% bootstrap interval (percentile; the seeds
+    resampled with replacement by a fixed generator, so a table reproduces exactly). With five
+    seeds the interval is narrower than it should be: read it as a rough one."""
+    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    picks = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    low, high = np.percentile(diff[picks].mean(axis=1), [2.5, 97.5])
+    return {"mean": float(diff.mean()), "low": float(low), "high": float(high)}
+
+
+def gap_closed(ap: float, alone: float, teacher: float) -> float | None:
+    """The share of the teacher - alone gap that `ap` closes; None where there is no gap."""
+    return (ap - alone) / (teacher - alone) if teacher > alone else None
+
+
+def cpu_name() -> str:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.machine()
+
+
+def weights_digest(path: Path) -> str:
+    """sha256 over a weight file's tensors by name: the file's own hash changes from one write
+    of the same tensors to the next (safetensors writes its metadata in no fixed order)."""
+    state, _ = read_weights(path)
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode())
+        digest.update(state[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class RunCache:
+    """Finished runs as small JSON records in a committed folder, so that a later session, whose
+    --out starts empty, reuses them. A record is keyed by its job's spec hash with the data
+    folder by its name (which says everything it was generated from) and the teacher by its
+    weights' digest: the same job distilled from the same weights, wherever the files lie."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def file(self, name: str, spec: dict[str, Any], inputs: dict[str, str]) -> Path:
+        canonical = {**spec, "name": "run"}
+        canonical["dataset"] = {**spec["dataset"], "path": Path(spec["dataset"]["path"]).name}
+        if "teacher" in spec:
+            weights = {"path": f"tensors-sha256:{inputs['teacher']}"}
+            canonical["teacher"] = {**spec["teacher"], "weights": weights}
+        key = JobSpec.model_validate(canonical).spec_hash()[:16]
+        return self.folder / f"{name}-{key}.json"
+
+    def has(self, jobs: Sequence[Job], teacher_digest: str) -> bool:
+        inputs = {"teacher": teacher_digest}
+        return all(self.file(j.label, j.spec, inputs).exists() for j in jobs)
+
+    def run(
+        self,
+        name: str,
+        spec: dict[str, Any],
+        run_dir: Path,
+        *,
+        inputs: dict[str, str],
+        threads: int | None = None,
+    ) -> dict[str, Any]:
+        """The job's record, or `run_job` and a new record."""
+        file = self.file(name, spec, inputs)
+        if file.exists():
+            print(f"{name:>8}: recorded in {file}", flush=True)
+            record: dict[str, Any] = json.loads(file.read_text())
+            return record
+        record = self.record(run_job(name, spec, run_dir, inputs=inputs, threads=threads), run_dir)
+        self.put(file, record)
+        return record
+
+    @staticmethod
+    def record(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+        """What a finished run leaves in the cache: its metrics, the AP after each evaluated
+        epoch, its weights' digest (a retrained teacher is checked against it) and where it ran
+        (training is bitwise reproducible on one machine, not across CPUs)."""
+        curve = {
+            e["epoch"]: e["metrics"]["AP"]
+            for e in read_events(run_dir / "events.jsonl")
+            if e["type"] == "eval"
+        }
+        return {
+            **result,
+            "curve": [curve[epoch] for epoch in sorted(curve)],
+            "weights_digest": weights_digest(run_dir / "student.safetensors"),
+            "machine": {"cpu": cpu_name(), "torch": torch.__version__},
+        }
+
+    def put(self, file: Path, record: dict[str, Any]) -> None:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = file.with_name(file.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        tmp.replace(file)
+
+
+def recorded_teacher(
+    cache: RunCache, spec: dict[str, Any], run_dir: Path, jobs: Sequence[Job]
+) -> dict[str, Any]:
+    """The teacher's record for `jobs`. It is trained (or reused from --out) unless every job
+    that distils from it is recorded under the recorded weights; weights trained here must be
+    the recorded ones, else the recorded runs were distilled from another teacher and cannot
+    share a table with new runs."""
+    file = cache.file("teacher", spec, {})
+    record: dict[str, Any] | None = json.loads(file.read_text()) if file.exists() else None
+    distilling = [j for j in jobs if "teacher" in j.spec]
+    if record is not None and cache.has(distilling, record["weights_digest"]):
+        return record
+    result = run_job("teacher", spec, run_dir, inputs={}, threads=TEACHER_THREADS)
+    trained = cache.record(result, run_dir)
+    if record is None:
+        cache.put(file, trained)
+        return trained
+    if trained["weights_digest"] != record["weights_digest"]:
+        raise SystemExit(
+            f"refused: the teacher trained here ({run_dir}, {trained['machine']}) differs from "
+            f"the one recorded in {file} ({record['machine']}), from which the recorded runs "
+            f"were distilled: finish the setting on such a machine, or move {cache.folder} "
+            "away to start it over"
+        )
+    return record
+
+
+def results(
+    pool: ThreadPoolExecutor, cache: RunCache, jobs: list[Job], teacher: dict[str, Any]
+) -> dict[str, list[dict[str, Any]]]:
+    """Every job's result by row: recorded, or run on `pool` from the recorded teacher."""
+    futures = submit(pool, jobs, {"teacher": teacher["weights_digest"]}, cache.run)
+    return {row: [f.result() for f in runs] for row, runs in futures.items()}
+
+
+def check_margin(args: argparse.Namespace, name: str, teacher_ap: float, alone: float) -> None:
+    problem = margin_problem(teacher_ap, alone)
+    if problem is not None:
+        refuse(args, f"{name}: {problem}")
+
+
+def tuning_trials(quick: bool) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Every trial of the tuning grid by name: its method and distill block (quick: the first
+    of each)."""
+    trials = {}
+    for method, grid in TUNED.items():
+        for weight in grid.loss_weights[: 1 if quick else None]:
+            for value in grid.values[: 1 if quick else None]:
+                name = f"{method}-lw{weight:g}-{KNOB_LABELS[grid.knob]}{value:g}"
+                block = {**METHODS[method], "loss_weight": weight, grid.knob: value}
+                trials[name] = (method, block)
+    return trials
+
+
+def tuning_table(
+    results: dict[str, list[dict[str, Any]]], trials: dict[str, tuple[str, dict[str, Any]]]
+) -> dict[str, Any]:
+    """Each trial's AP, the best trial of each method (locked for the report) and, for each
+    method at its defaults, the AP above the student alone."""
+    alone = float(results["none"][0]["metrics"]["AP"])
+    ap = {name: float(results[name][0]["metrics"]["AP"]) for name in trials}
+    locked = {m: max((t for t in trials if trials[t][0] == m), key=ap.__getitem__) for m in TUNED}
+    defaults = {}
+    for name, (method, block) in trials.items():
+        knob = TUNED[method].knob
+        if block["loss_weight"] == DEFAULTS.loss_weight and block[knob] == getattr(DEFAULTS, knob):
+            defaults[method] = ap[name] - alone
+    return {"none_AP": alone, "trials": ap, "locked": locked, "defaults_vs_alone": defaults}
+
+
+def report_table(
+    results: dict[str, list[dict[str, Any]]], teacher_ap: float, blocks: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Per row: AP per seed, mean ± std (and the other metrics), the paired difference to the
+    student alone and to the best baseline with its bootstrap interval, and the share of the
+    teacher's gap closed against either lone student."""
+    ap = {row: [float(r["metrics"]["AP"]) for r in runs] for row, runs in results.items()}
+    rows = {row: {**summarise(runs), "AP_per_seed": ap[row]} for row, runs in results.items()}
+    best = max(BASELINES, key=lambda m: rows[m]["AP"])
+    for name, row in rows.items():
+        row["distill"] = blocks.get(name, METHODS["none"])
+        row["vs_alone"] = paired_difference(ap[name], ap["none"]) if name != "none" else None
+        row["vs_best_baseline"] = (
+            paired_difference(ap[name], ap[best]) if name in TUNED and name != best else None
+        )
+        row["gap_closed"] = gap_closed(row["AP"], rows["none"]["AP"], teacher_ap)
+        alone_long = rows[ALONE_AT_TEACHER_BUDGET]["AP"]
+        row["gap_closed_teacher_budget"] = gap_closed(row["AP"], alone_long, teacher_ap)
+    return {"best_baseline": best, "rows": rows}
+
+
+class SettingRuns(NamedTuple):
+    """What every stage needs of a setting: its recipe, its run records, the reporting dataset,
+    and its teacher's job, run folder and block (as the students' spec names it)."""
+
+    name: str
+    recipe: recipes.Recipe
+    cache: RunCache
+    dataset: dict[str, Any]
+    teacher_spec: dict[str, Any]
+    teacher_dir: Path
+    teacher: dict[str, Any]
+
+
+def setting_runs(args: argparse.Namespace, name: str, data: Path) -> SettingRuns:
+    recipe = setting_recipe(SETTINGS[name], quick=args.quick)
+    dataset = {"path": str(data), "input_size": recipe.image_size}
+    spec, run_dir = teacher_job(args, recipe, dataset, plateau=True)
+    teacher = {**recipe.teacher, "weights": {"path": str(run_dir / "student.safetensors")}}
+    return SettingRuns(name, recipe, RunCache(args.cache / name), dataset, spec, run_dir, teacher)
+
+
+def setting_teacher(
+    args: argparse.Namespace, runs: SettingRuns, jobs: Sequence[Job]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The teacher's record for `jobs` (`recorded_teacher`) and its figures; refused unless its
+    AP has plateaued."""
+    record = recorded_teacher(runs.cache, runs.teacher_spec, runs.teacher_dir, jobs)
+    curve = record["curve"]
+    gain = curve[-1] - curve[-2] if len(curve) > 1 else math.inf
+    if gain > PLATEAU_TOL_AP:
+        refuse(
+            args,
+            f"{runs.name}: the teacher has not plateaued (its last epoch gained {gain:.1f} AP, "
+            f"over the tolerance {PLATEAU_TOL_AP}): train it longer (teacher_epochs)",
+        )
+    figures = {
+        "AP": float(record["metrics"]["AP"]),
+        "curve": curve,
+        "last_epoch_gain": gain,
+        "plateaued": gain <= PLATEAU_TOL_AP,
+        "weights_digest": record["weights_digest"],
+        "machine": record["machine"],
+    }
+    return record, figures
+
+
+def capacity_tuning(
+    pool: ThreadPoolExecutor, args: argparse.Namespace, data: Path, held_out: Path
+) -> dict[str, Any]:
+    """Every method's trials on the tuning setting's held-out split and seed (stage report:
+    from the records only, which must all be there)."""
+    runs = setting_runs(args, TUNING_SETTING, data)
+    trials = tuning_trials(args.quick)
+    methods = {"none": METHODS["none"], **{t: block for t, (_, block) in trials.items()}}
+    tuning = {**runs.dataset, "path": str(held_out)}
+    jobs = student_jobs(args, methods, runs.recipe, tuning, runs.teacher, [TUNING_SEED])
+    if args.stage == "report":
+        file = runs.cache.file("teacher", runs.teacher_spec, {})
+        digest = json.loads(file.read_text())["weights_digest"] if file.exists() else ""
+        if not runs.cache.has(jobs, digest):
+            raise SystemExit(f"no complete tuning in {runs.cache.folder}: run --stage tune")
+    record, teacher = setting_teacher(args, runs, jobs)
+    table = tuning_table(results(pool, runs.cache, jobs, record), trials)
+    # the tuning split's lone student: a check before any reporting run is spent
+    check_margin(args, runs.name, teacher["AP"], table["none_AP"])
+    return {"setting": TUNING_SETTING, "teacher": teacher, **table}
+
+
+def capacity_report(
+    pool: ThreadPoolExecutor,
+    args: argparse.Namespace,
+    name: str,
+    data: Path,
+    blocks: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """A setting's table: the student alone at its budget and at the teacher's, and every
+    method at its locked setting (`blocks`), on the reporting split and seeds."""
+    runs = setting_runs(args, name, data)
+    longer = {ALONE_AT_TEACHER_BUDGET: METHODS["none"]}
+    # the longest runs first, so that no core waits for them at the end
+    jobs = student_jobs(
+        args,
+        longer,
+        runs.recipe,
+        runs.dataset,
+        runs.teacher,
+        args.seeds,
+        epochs=runs.recipe.teacher_epochs,
+        final_epochs=PLATEAU_EPOCHS,
+    )
+    rows = {"none": METHODS["none"], **blocks}
+    jobs += student_jobs(args, rows, runs.recipe, runs.dataset, runs.teacher, args.seeds)
+    record, teacher = setting_teacher(args, runs, jobs)
+    report = report_table(results(pool, runs.cache, jobs, record), teacher["AP"], blocks)
+    check_margin(args, name, teacher["AP"], report["rows"]["none"]["AP"])
+    return {"setting": SETTINGS[name]._asdict(), "teacher": teacher, **report}
+
+
+def capacity(args: argparse.Namespace) -> dict[str, Any]:
+    """The capacity-gap protocol's stage: the tuning grid, and (report, all) each setting's
+    table from the methods locked by it."""
+    base = CAPACITY_QUICK if args.quick else CAPACITY
+    data = prepare_data(args, base)
+    held_out = tuning_data(args, base, data)
+    started = time.monotonic()
+    settings = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        tuning = capacity_tuning(pool, args, data, held_out)
+        trials = tuning_trials(args.quick)
+        blocks = {method: trials[trial][1] for method, trial in tuning["locked"].items()}
+        if args.stage != "tune":
+            for name in args.settings:
+                settings[name] = capacity_report(pool, args, name, data, blocks)
+    sizes = {
+        "dataset": base.dataset,
+        **{key: getattr(base, key) for key in ("num_train", "num_val", "image_size")},
+        **{key: getattr(base, key) for key in ("teacher_epochs", "student_epochs")},
+        "trials_per_method": len(trials) // len(TUNED),
+    }
+    return {
+        "protocol": "capacity",
+        "stage": args.stage,
+        "sizes": sizes,
+        "seeds": args.seeds,
+        "tuning_seed": TUNING_SEED,
+        "wall_seconds": time.monotonic() - started,
+        "tuning": tuning,
+        "settings": settings,
+    }
+
+
+def _difference(diff: dict[str, float] | None) -> str:
+    if diff is None:
+        return "-"
+    return f"{diff['mean']:+.1f} [{diff['low']:+.1f}, {diff['high']:+.1f}]"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    head = f"{'row':<21}{'λ':>8}{'knob':>11}  {'AP per seed':<31}{'AP':>12}"
+    head += f"{'Δ alone [95% CI]':>22}{'Δ best baseline':>22}{'gap':>7}{'gap@T':>7}"
+    lines = [head, "-" * len(head)]
+    for name in ["none", ALONE_AT_TEACHER_BUDGET, *TUNED]:
+        row = report["rows"][name]
+        block = row["distill"]
+        weight, knob = "", ""
+        if name in TUNED:
+            weight = f"{block['loss_weight']:g}"
+            option = TUNED[name].knob
+            knob = f"{KNOB_LABELS[option]} {block[option]:g}"
+        per_seed = " ".join(f"{ap:.1f}" for ap in row["AP_per_seed"])
+        mean = f"{row['AP']:.1f} ± {row['AP_std']:.1f}"
+        gaps = (row["gap_closed"], row["gap_closed_teacher_budget"])
+        gap, gap_t = (_cell(None if g is None else 100 * g, 7, spec=".0f", unit="%") for g in gaps)
+        lines.append(
+            f"{name:<21}{weight:>8}{knob:>11}  {per_seed:<31}{mean:>12}"
+            f"{_difference(row['vs_alone']):>22}{_difference(row['vs_best_baseline']):>22}"
+            f"{gap}{gap_t}"
+        )
+    return "\n".join(lines)
+
+
+def teacher_line(teacher: dict[str, Any]) -> str:
+    curve = " ".join(f"{ap:.1f}" for ap in teacher["curve"])
+    state = "plateaued" if teacher["plateaued"] else "NOT plateaued"
+    return (
+        f"teacher {teacher['AP']:.1f} AP; after each epoch {curve}; the last epoch "
+        f"{teacher['last_epoch_gain']:+.1f} AP: {state} (tolerance {PLATEAU_TOL_AP})"
+    )
+
+
+def print_capacity(figures: dict[str, Any]) -> None:
+    sizes, tuning = figures["sizes"], figures["tuning"]
+    print(
+        f"\nCapacity-gap protocol, stage {figures['stage']}: {sizes['dataset']}, "
+        f"{sizes['num_train']} training and {sizes['num_val']} validation images of "
+        f"{sizes['image_size']} px; teachers {sizes['teacher_epochs']} epochs, students "
+        f"{sizes['student_epochs']}; COCO AP in percent"
+    )
+    print(
+        f"\n== tuning: setting {tuning['setting']}, held-out split, seed "
+        f"{figures['tuning_seed']}, {sizes['trials_per_method']} trials per method"
+    )
+    print(teacher_line(tuning["teacher"]))
+    print(f"student alone {tuning['none_AP']:.1f} AP\n")
+    locked = set(tuning["locked"].values())
+    for trial, ap in tuning["trials"].items():
+        print(f"  {trial:<40}{ap:>6.1f}{'  locked' if trial in locked else ''}")
+    defaults = ", ".join(f"{m} {d:+.1f}" for m, d in tuning["defaults_vs_alone"].items())
+    print(f"each method at its defaults, AP above the student alone: {defaults}")
+    for name, out in figures["settings"].items():
+        setting, teacher = out["setting"], out["teacher"]
+        print(
+            f"\n== {name}: {setting['teacher']} -> {setting['student']}, "
+            f"{setting['optimizer']}; val split, seeds {figures['seeds']}"
+        )
+        print(teacher_line(teacher) + "\n")
+        print(format_report(out))
+        longer = out["rows"][ALONE_AT_TEACHER_BUDGET]["AP"]
+        if longer >= teacher["AP"]:
+            print(
+                f"note: the student alone at the teacher's budget ({longer:.1f} AP) is no worse "
+                f"than the teacher ({teacher['AP']:.1f}): no capacity gap at that budget"
+            )
+        print(
+            f"Δ: paired difference over seeds, bootstrap 95% interval "
+            f"({BOOTSTRAP_RESAMPLES} resamples); best baseline: {out['best_baseline']}; "
+            "gap, gap@T: share of the teacher - alone gap closed, alone at the student's and at "
+            "the teacher's budget"
+        )
+
+
 def print_table(figures: dict[str, Any]) -> None:
+    if figures.get("protocol") == "capacity":
+        print_capacity(figures)
+        return
     mode = "tuning grid" if "tuning_seed" in figures else f"seeds {figures['seeds']}"
     print(
         f"\nCOCO mAP on the val split (percent), {mode}; teacher {figures['teacher_AP']:.1f} AP\n"
@@ -445,7 +1048,31 @@ def main(argv: list[str] | None = None) -> int:
         help="--dataset's training and validation splits (COCO 2017: train2017,val2017)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seeds", help="comma-separated reporting seeds (default 1,2,3)")
+    parser.add_argument(
+        "--protocol",
+        choices=("default", "capacity"),
+        default="default",
+        help="capacity: the capacity-gap protocol (its own sizes; see the docstring)",
+    )
+    parser.add_argument(
+        "--stage",
+        choices=("tune", "report", "all"),
+        default="all",
+        help="capacity: the tuning grid, the locked table (from recorded tuning runs), or both",
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"capacity: comma-separated, of {', '.join(SETTINGS)}",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        help="capacity: the run records (default docs/results/capacity/runs; quick: under --out)",
+    )
+    parser.add_argument(
+        "--seeds", help="comma-separated reporting seeds (default 1,2,3; capacity 1,2,3,4,5)"
+    )
     parser.add_argument(
         "--methods",
         help="comma-separated (default: every method; with --tune, TID's loss weight x gamma grid)",
@@ -482,6 +1109,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     parser.add_argument("--out", type=Path, default=Path("var/bench/accuracy"))
     args = parser.parse_args(argv)
+    capacity_protocol = args.protocol == "capacity"
+    if capacity_protocol:
+        # the protocol fixes its data, models, budgets and loss weights
+        fixed = ["dataset", "tune", "methods", "match_grad_ratio", "loss_weight", "teacher"]
+        fixed += ["student", "image_size", "teacher_epochs", "student_epochs"]
+        fixed += ["teacher_weights_backbone", "student_weights_backbone"]
+        given = [f"--{name.replace('_', '-')}" for name in fixed if getattr(args, name)]
+        if given:
+            parser.error(f"{', '.join(given)}: not with --protocol capacity")
+        args.settings = args.settings.split(",")
+        unknown = [s for s in args.settings if s not in SETTINGS]
+        if unknown:
+            parser.error(f"unknown settings {unknown}; expected some of {list(SETTINGS)}")
+        records = (
+            args.out / "records" if args.quick else harness.ROOT / "docs/results/capacity/runs"
+        )
+        args.cache = args.cache or records
+    if args.seeds:
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    elif capacity_protocol:
+        args.seeds = [1, 2] if args.quick else [1, 2, 3, 4, 5]
+    else:
+        args.seeds = [1] if args.quick else [1, 2, 3]
+    reserved = {TUNING_SEED: "the tuning seed", TEACHER_SEED: "the teachers' seed"}
+    clash = [f"{seed} is {reserved[seed]}" for seed in args.seeds if seed in reserved]
+    if clash and not args.quick:
+        parser.error(f"--seeds: {'; '.join(clash)}: report on other seeds")
     if args.tune and args.match_grad_ratio:
         parser.error("--match-grad-ratio: not with --tune (the grid sets its own loss weights)")
     args.splits = args.splits.split(",")
@@ -502,7 +1156,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    harness.report(compare(args), print_table, args.json)
+    harness.report(capacity(args) if capacity_protocol else compare(args), print_table, args.json)
     return 0
 
 

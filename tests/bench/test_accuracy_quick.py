@@ -14,15 +14,19 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from bench.accuracy import METHODS, job_spec
+from bench.accuracy import ALONE_AT_TEACHER_BUDGET, METHODS, TUNED, job_spec
 from tid_core import recipes
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
 
 
-def run_quick(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
-    """The table `bench/accuracy.py --quick ARGS` prints, and its --json figures."""
+def run_quick(
+    tmp_path: Path, *args: str, header: str = "COCO mAP on the val split"
+) -> tuple[str, dict[str, Any]]:
+    """What `bench/accuracy.py --quick ARGS` prints from its table's `header` on (with
+    --out under `tmp_path`), and its --json figures."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "figures.json"
     cmd = [sys.executable, "bench/accuracy.py", "--quick", "--jobs", "2", *args]
     proc = subprocess.run(
@@ -34,7 +38,8 @@ def run_quick(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
         timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("COCO mAP on the val split") :]
+    table = proc.stdout[proc.stdout.index(header) :]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return table, json.loads(out.read_text())
 
 
@@ -92,3 +97,39 @@ def test_accuracy_quick_prints_its_methods_and_writes_json(tmp_path: Path) -> No
     assert "tuning grid" in table
     assert row_names(table, 2) == ["none", "tid-key0.6"]
     assert figures["tuning_seed"] == 0 and set(figures["methods"]) == {"none", "tid-key0.6"}
+
+
+def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path: Path) -> None:
+    records = tmp_path / "records"
+    protocol = ["--protocol", "capacity", "--settings", "main", "--cache", str(records)]
+    protocol += ["--seeds", "1"]  # one reporting seed: the statistics have their unit tests
+    header = "Capacity-gap protocol"
+    # a first session tunes: the teacher, the student alone and one trial per method (quick)
+    table, figures = run_quick(tmp_path / "tune", *protocol, "--stage", "tune", header=header)
+    assert figures["settings"] == {} and set(figures["tuning"]["locked"]) == set(TUNED)
+    assert table.count("locked") == len(TUNED)
+    assert len(list(records.rglob("*.json"))) == 2 + len(TUNED)
+
+    # a second session, with an empty --out, reports: the locked trials come from the records;
+    # its teacher, trained again, must have the recorded weights (bitwise, on one machine)
+    table, figures = run_quick(tmp_path / "report", *protocol, "--stage", "report", header=header)
+    rows = figures["settings"]["main"]["rows"]
+    names = ["none", ALONE_AT_TEACHER_BUDGET, *TUNED]
+    assert set(rows) == set(names)
+    assert all(len(row["AP_per_seed"]) == 1 for row in rows.values())
+    listed = [
+        line.split()[0] for line in table.splitlines() if line.split()[:1] in [[n] for n in names]
+    ]
+    assert listed == names
+    assert {"vs_alone", "vs_best_baseline", "gap_closed", "gap_closed_teacher_budget"} <= set(
+        rows["tid"]
+    )
+    files = list(records.rglob("*.json"))
+    assert len(files) == 2 + len(TUNED) + len(names)
+    assert max(f.stat().st_size for f in files) < 10_000  # small enough to commit
+
+    # a third session prints everything from the records: nothing is trained
+    again, figures = run_quick(tmp_path / "all", *protocol, header=header)
+    assert figures["settings"]["main"]["rows"] == rows
+    assert again.count("locked") == len(TUNED) and ALONE_AT_TEACHER_BUDGET in again
+    assert not list((tmp_path / "all" / "work").glob("teacher-*"))

@@ -1,0 +1,147 @@
+"""The capacity-gap protocol's parts that need no training: its settings and grid, its
+statistics, and the keys of its run records (the protocol itself: test_accuracy_quick.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.accuracy import (
+    ALONE_AT_TEACHER_BUDGET,
+    DEFAULTS,
+    METHODS,
+    SETTINGS,
+    TEACHER_SEED,
+    TUNED,
+    TUNING_SEED,
+    Job,
+    RunCache,
+    job_spec,
+    paired_difference,
+    report_table,
+    setting_recipe,
+    tuning_table,
+    tuning_trials,
+)
+from tid_core.models import BACKBONES
+
+
+def result(ap: float) -> dict[str, Any]:
+    return {"metrics": {"AP": ap}, "seconds": 1.0}
+
+
+def test_the_bootstrap_interval_brackets_the_mean_and_reproduces() -> None:
+    a, b = [21.0, 23.0, 22.0, 25.0, 24.0], [20.0, 20.0, 21.0, 21.0, 22.0]
+    diff = paired_difference(a, b)
+    assert diff["mean"] == pytest.approx(2.2)
+    assert min(x - y for x, y in zip(a, b, strict=True)) <= diff["low"] < diff["mean"]
+    assert diff["mean"] < diff["high"] <= max(x - y for x, y in zip(a, b, strict=True))
+    assert paired_difference(a, b) == diff  # a fixed generator: the same table every time
+    # a constant difference has no spread; the pairing removes what the seeds share
+    assert paired_difference([5.0, 9.0, 1.0], [4.0, 8.0, 0.0]) == {
+        "mean": 1.0,
+        "low": 1.0,
+        "high": 1.0,
+    }
+
+
+def test_every_method_gets_the_same_number_of_trials_its_defaults_among_them() -> None:
+    trials = tuning_trials(quick=False)
+    counts = {m: sum(method == m for method, _ in trials.values()) for m in TUNED}
+    assert set(counts.values()) == {6}
+    for method, grid in TUNED.items():
+        blocks = [block for m, block in trials.values() if m == method]
+        assert all(block["method"] == METHODS[method]["method"] for block in blocks)
+        defaults = {"loss_weight": DEFAULTS.loss_weight, grid.knob: getattr(DEFAULTS, grid.knob)}
+        assert any(defaults.items() <= block.items() for block in blocks), method
+    assert len(tuning_trials(quick=True)) == len(TUNED)
+
+
+def test_the_tuning_table_locks_each_methods_best_trial() -> None:
+    trials = tuning_trials(quick=False)
+    ap = {name: float(i) for i, name in enumerate(trials)}  # the last trial of each is best
+    results = {"none": [result(3.0)], **{name: [result(v)] for name, v in ap.items()}}
+    table = tuning_table(results, trials)
+    for method in TUNED:
+        assert table["locked"][method] == [t for t in trials if trials[t][0] == method][-1]
+    first = next(iter(trials))  # fitnet's first trial is not at its default loss weight
+    assert table["trials"][first] == 0.0 and table["none_AP"] == 3.0
+    assert set(table["defaults_vs_alone"]) == set(TUNED)
+
+
+def test_the_report_pairs_seeds_and_picks_the_best_baseline_by_mean() -> None:
+    aps = {
+        "none": [10.0, 12.0],
+        ALONE_AT_TEACHER_BUDGET: [18.0, 20.0],
+        **{m: [11.0, 13.0] for m in TUNED},
+    }
+    aps["pkd"] = [14.0, 16.0]
+    results = {row: [result(ap) for ap in values] for row, values in aps.items()}
+    blocks = {m: METHODS[m] for m in TUNED}
+    report = report_table(results, 31.0, blocks)
+    assert report["best_baseline"] == "pkd"
+    tid = report["rows"]["tid"]
+    assert tid["AP_per_seed"] == [11.0, 13.0] and tid["AP"] == 12.0
+    assert tid["vs_alone"]["mean"] == 1.0 and tid["vs_best_baseline"]["mean"] == -3.0
+    assert tid["gap_closed"] == pytest.approx(1 / 20)  # (12 - 11) / (31 - 11)
+    assert tid["gap_closed_teacher_budget"] == pytest.approx(-7 / 12)  # (12 - 19) / (31 - 19)
+    assert report["rows"]["pkd"]["vs_best_baseline"] is None
+    assert report["rows"]["none"]["vs_alone"] is None
+    # no gap to close when the student alone at the teacher's budget beats the teacher
+    assert report_table(results, 15.0, blocks)["rows"]["tid"]["gap_closed_teacher_budget"] is None
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_every_setting_is_a_valid_teacher_and_student(name: str) -> None:
+    recipe = setting_recipe(SETTINGS[name], quick=False)
+    assert {recipe.teacher["backbone"], recipe.student["backbone"]} <= set(BACKBONES)
+    teacher = {**recipe.teacher, "weights": {"path": "teacher.safetensors"}}
+    for block in (METHODS["none"], *(block for _, block in tuning_trials(quick=False).values())):
+        job_spec(
+            "check",
+            recipe.student,
+            {"path": "data"},
+            recipe=recipe,
+            epochs=recipe.student_epochs,
+            seed=1,
+            device="cpu",
+            distill=block,
+            teacher=teacher if block["method"] != "none" else None,
+        )  # validates
+    optimizers = {SETTINGS[n].optimizer for n in SETTINGS}
+    archs = {setting_recipe(SETTINGS[n], quick=False).student["arch"] for n in SETTINGS}
+    assert optimizers == {"sgd", "adamw"} and archs == {"fcos", "retinanet"}
+    assert TEACHER_SEED != TUNING_SEED
+
+
+def test_a_record_is_keyed_by_the_data_folders_name_and_the_teachers_weights(
+    tmp_path: Path,
+) -> None:
+    recipe = setting_recipe(SETTINGS["main"], quick=True)
+
+    def file(data: str, weights: str, digest: str) -> Path:
+        teacher = {**recipe.teacher, "weights": {"path": weights}}
+        spec = job_spec(
+            "bench-tid-s1",
+            recipe.student,
+            {"path": data, "input_size": 64},
+            recipe=recipe,
+            epochs=1,
+            seed=1,
+            device="cpu",
+            distill=METHODS["tid"],
+            teacher=teacher,
+        )
+        cache = RunCache(tmp_path)
+        path = cache.file("tid-s1", spec, {"teacher": digest})
+        assert cache.has([Job("tid", "tid-s1", spec, tmp_path)], digest) == path.exists()
+        return path
+
+    first = file("/a/var/scenes-v1-8-4-64px-seed0", "/a/var/teacher/student.safetensors", "d1")
+    # another session's --out: the same record
+    assert file("/b/out/scenes-v1-8-4-64px-seed0", "/b/out/t/student.safetensors", "d1") == first
+    # other data, another teacher: other records
+    assert file("/a/var/scenes-v1-16-4-64px-seed0", "/a/t.safetensors", "d1") != first
+    assert file("/a/var/scenes-v1-8-4-64px-seed0", "/a/t.safetensors", "d2") != first
