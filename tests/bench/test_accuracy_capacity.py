@@ -50,7 +50,7 @@ def test_the_bootstrap_interval_brackets_the_mean_and_reproduces() -> None:
 def test_every_method_gets_the_same_number_of_trials_its_defaults_among_them() -> None:
     trials = tuning_trials(quick=False)
     counts = {m: sum(method == m for method, _ in trials.values()) for m in TUNED}
-    assert set(counts.values()) == {6}
+    assert set(counts.values()) == {4}
     for method, grid in TUNED.items():
         blocks = [block for m, block in trials.values() if m == method]
         assert all(block["method"] == METHODS[method]["method"] for block in blocks)
@@ -66,7 +66,7 @@ def test_the_tuning_table_locks_each_methods_best_trial() -> None:
     table = tuning_table(results, trials)
     for method in TUNED:
         assert table["locked"][method] == [t for t in trials if trials[t][0] == method][-1]
-    first = next(iter(trials))  # fitnet's first trial is not at its default loss weight
+    first = next(iter(trials))  # fitnet at its defaults
     assert table["trials"][first] == 0.0 and table["none_AP"] == 3.0
     assert set(table["defaults_vs_alone"]) == set(TUNED)
 
