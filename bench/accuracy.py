@@ -659,6 +659,20 @@ def weights_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def epoch_means(steps: Sequence[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """Each loss term and statistic of the logged steps (`step` events), averaged per epoch in
+    epoch order (None for an epoch that never logged it): a run's trajectory in a few numbers."""
+    by_epoch: dict[int, list[dict[str, float]]] = {}
+    for step in steps:
+        by_epoch.setdefault(step["epoch"], []).append({**step["losses"], **step["stats"]})
+    names = sorted({name for rows in by_epoch.values() for row in rows for name in row})
+    means: dict[str, list[float | None]] = {}
+    for name in names:
+        values = [[row[name] for row in by_epoch[e] if name in row] for e in sorted(by_epoch)]
+        means[name] = [statistics.mean(v) if v else None for v in values]
+    return means
+
+
 class RunCache:
     """Finished runs as small JSON records in a committed folder, so that a later session, whose
     --out starts empty, reuses them. A record is keyed by its job's spec hash with the data
@@ -703,16 +717,18 @@ class RunCache:
     @staticmethod
     def record(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
         """What a finished run leaves in the cache: its metrics, the AP after each evaluated
-        epoch, its weights' digest (a retrained teacher is checked against it) and where it ran
-        (training is bitwise reproducible on one machine, not across CPUs)."""
-        curve = {
-            e["epoch"]: e["metrics"]["AP"]
-            for e in read_events(run_dir / "events.jsonl")
-            if e["type"] == "eval"
-        }
+        epoch, what the diagnosis reads (each loss term and logged statistic averaged per epoch,
+        the initial gradient ratio), its weights' digest (a retrained teacher is checked
+        against it) and where it ran (training is bitwise reproducible on one machine, not
+        across CPUs)."""
+        events = read_events(run_dir / "events.jsonl")
+        curve = {e["epoch"]: e["metrics"]["AP"] for e in events if e["type"] == "eval"}
+        ratios = [e["ratio"] for e in events if e["type"] == "grad_ratio"]
         return {
             **result,
             "curve": [curve[epoch] for epoch in sorted(curve)],
+            "per_epoch": epoch_means([e for e in events if e["type"] == "step"]),
+            "grad_ratio": ratios[0] if ratios else None,
             "weights_digest": weights_digest(run_dir / "student.safetensors"),
             "machine": {"cpu": cpu_name(), "torch": torch.__version__},
         }

@@ -5,6 +5,12 @@ rows of a batch of events and the new offset are written in the caller's transac
 offset moves by compare-and-set, so a worker that crashes before its commit, or two workers
 that race, never ingest a line twice or skip one. Each line is parsed into its event type
 (`tid_core.events`); a line that is not one is logged and skipped, so it never stalls the job.
+
+A resumed attempt logs again the steps after its checkpoint. Metric rows are keyed by (job,
+step, name) and upserted, so the job's series holds each point once, with the value and the
+attempt that logged it last. The re-logged row takes a new id, the next in logging order: the
+API's `after_id` cursor is a row id, and a client that already read the old point sees the new
+one on its next read.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import CursorResult, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from store.db.models import Artifact, Base, Checkpoint, Evaluation, Job, JobEvent, Metric
@@ -81,6 +88,9 @@ class _Batch:
     def __init__(self, job_id: str, *, attempt: int, artifacts: set[str]) -> None:
         self.job_id, self.attempt = job_id, attempt
         self.rows: list[Base] = []
+        # (step, name) -> the point's columns, in logging order; a point logged again in the
+        # same batch moves to its end (one statement may not upsert a row twice)
+        self.metrics: dict[tuple[int, str], dict[str, Any]] = {}
         self.values: dict[str, Any] = {}
         self.artifacts = artifacts  # names that already have a row
         # name -> (sha256, bytes) of a file with a row whose export was written again: the row
@@ -93,15 +103,15 @@ class _Batch:
                 "job %s step %d: %s=%r is not a finite number", self.job_id, step, name, value
             )
             return
-        self.rows.append(
-            Metric(
-                job_id=self.job_id,
-                attempt=self.attempt,
-                step=step,
-                name=name[:MAX_NAME_CHARS],
-                value=value,
-            )
-        )
+        key = (step, name[:MAX_NAME_CHARS])
+        self.metrics.pop(key, None)
+        self.metrics[key] = {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "step": step,
+            "name": key[1],
+            "value": value,
+        }
 
     def add(self, event: Event) -> None:
         if isinstance(event, StartEvent | StepEvent):
@@ -168,6 +178,30 @@ class _Batch:
         )
 
 
+def _upsert_metrics(session: Session, points: list[dict[str, Any]]) -> None:
+    """Insert the points, or overwrite the row a point with the same (job, step, name) has.
+
+    The overwritten row also takes the new row's id (`excluded.id`: the one the insert drew
+    from the sequence, or SQLite's next rowid), so it moves to the end of the logging order.
+    """
+    dialect = session.get_bind().dialect.name
+    stmt: postgresql.Insert | sqlite.Insert
+    if dialect == "postgresql":
+        stmt = postgresql.insert(Metric)
+    elif dialect == "sqlite":
+        stmt = sqlite.insert(Metric)
+    else:
+        raise NotImplementedError(f"no metric upsert for the {dialect} dialect")
+    moved = ("id", "attempt", "value", "created_at")
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Metric.job_id, Metric.step, Metric.name],
+            set_={column: stmt.excluded[column] for column in moved},
+        ),
+        points,
+    )
+
+
 def ingest_events(session: Session, job_id: str, *, run_dir: Path, attempt: int) -> int:
     """Add rows for the complete events past `jobs.events_offset`; returns how many.
 
@@ -195,6 +229,8 @@ def ingest_events(session: Session, job_id: str, *, run_dir: Path, attempt: int)
         log.info("job %s: events past byte %d were ingested by another session", job_id, offset)
         return 0
     session.add_all(batch.rows)
+    if batch.metrics:
+        _upsert_metrics(session, list(batch.metrics.values()))
     for name, (sha256, size) in batch.rewritten.items():
         session.execute(
             update(Artifact)

@@ -18,6 +18,7 @@ from bench.accuracy import (
     TUNING_SEED,
     Job,
     RunCache,
+    epoch_means,
     job_spec,
     paired_difference,
     report_table,
@@ -145,3 +146,16 @@ def test_a_record_is_keyed_by_the_data_folders_name_and_the_teachers_weights(
     # other data, another teacher: other records
     assert file("/a/var/scenes-v1-16-4-64px-seed0", "/a/t.safetensors", "d1") != first
     assert file("/a/var/scenes-v1-8-4-64px-seed0", "/a/t.safetensors", "d2") != first
+
+
+def test_a_records_trajectory_averages_each_term_per_epoch() -> None:
+    steps = [
+        {"epoch": 0, "losses": {"loss": 4.0, "tid_key": 1.0}, "stats": {"key_frac": 0.2}},
+        {"epoch": 0, "losses": {"loss": 2.0, "tid_key": 3.0}, "stats": {}},
+        {"epoch": 1, "losses": {"loss": 1.0}, "stats": {"key_frac": 0.4}},
+    ]
+    assert epoch_means(steps) == {
+        "key_frac": [0.2, 0.4],
+        "loss": [3.0, 1.0],
+        "tid_key": [2.0, None],
+    }
