@@ -56,6 +56,20 @@ class Settings(BaseSettings):
     keepalive_seconds: int = Field(default=30, ge=3, le=3600)
     # jobs one owner may have queued or running at once, so nobody floods the queue (0: no limit)
     max_active_jobs_per_owner: int = Field(default=20, ge=0, le=100_000)
+    # what one owner may hold (0: no limit), whatever its state: a failed upload's files stay
+    max_datasets_per_owner: int = Field(default=100, ge=0, le=1_000_000)
+    max_models_per_owner: int = Field(default=100, ge=0, le=1_000_000)
+    # uploaded models and unpacked dataset uploads together (generated ones are capped below)
+    max_stored_bytes_per_owner: int = Field(default=200 << 30, ge=0)
+    # event streams (SSE) one owner may have open at once, over every API process (0: no limit)
+    max_event_streams_per_owner: int = Field(default=20, ge=0, le=100_000)
+    # caps on what one job or generated dataset may ask for (a spec above them is a 422)
+    max_nproc_per_node: int = Field(default=8, ge=1, le=64)
+    max_num_workers: int = Field(default=16, ge=0, le=64)
+    # a job's size: epochs x training images (COCO's 3x schedule: 36 x 118,287 = 4.3 million)
+    max_job_images: int = Field(default=5_000_000, ge=1)
+    # training + validation images of a generated (builtin) dataset
+    max_builtin_images: int = Field(default=20_000, ge=2)
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)
     worker_name: str = ""  # default: hostname-pid

@@ -14,8 +14,9 @@ import hashlib
 import os
 import random
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -73,9 +74,11 @@ class CheckpointDir:
         self.spec_hash = spec_hash
 
     def remove_partial_writes(self) -> None:
-        """Delete a killed writer's temporary files; only while holding the run dir's lock."""
-        for stale in self.folder.glob(".*.tmp.*"):
-            stale.unlink()
+        """Delete a killed writer's temporary files (of checkpoints, and of exports in the run
+        dir); only while holding the run dir's lock."""
+        for folder in (self.folder, self.run_dir):
+            for stale in folder.glob(".*.tmp.*"):
+                stale.unlink()
 
     def save(self, state: TrainingState, *, epoch_end: bool) -> SavedCheckpoint:
         """Replace `last.pt` with `state` (and, at an epoch's end, keep a copy of it)."""
@@ -126,19 +129,17 @@ class CheckpointDir:
         return True
 
 
-def save_atomic(obj: dict[str, Any], path: Path) -> int:
-    """torch.save `obj` to `path` atomically; returns the file size in bytes. A failed write
-    (disk full, unwritable folder) raises OSError and leaves `path` as it was."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> int:
+    """Write a file atomically and durably: `write` fills a temporary file in the same folder
+    (`.NAME.tmp.PID`), which is fsynced and renamed over `path`, and the folder is fsynced so
+    that the rename outlives a crash. Every file the trainer hands on (checkpoints, exports)
+    is written here. Returns the size in bytes; a failed write (disk full, unwritable folder)
+    raises OSError and leaves `path` as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
     try:
         with tmp.open("wb") as f:
-            try:
-                torch.save(obj, f)
-            except RuntimeError as exc:  # torch's writer hides the file's own error (ENOSPC...)
-                if isinstance(exc.__context__, OSError):
-                    raise exc.__context__ from exc
-                raise
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         tmp.replace(path)
@@ -151,6 +152,20 @@ def save_atomic(obj: dict[str, Any], path: Path) -> int:
     finally:
         os.close(dir_fd)
     return path.stat().st_size
+
+
+def save_atomic(obj: dict[str, Any], path: Path) -> int:
+    """torch.save `obj` to `path` with `write_atomic`; returns the file size in bytes."""
+    return write_atomic(path, lambda f: _torch_save(obj, f))
+
+
+def _torch_save(obj: dict[str, Any], f: BinaryIO) -> None:
+    try:
+        torch.save(obj, f)
+    except RuntimeError as exc:  # torch's writer hides the file's own error (ENOSPC...)
+        if isinstance(exc.__context__, OSError):
+            raise exc.__context__ from exc
+        raise
 
 
 def sha256_file(path: Path) -> str:

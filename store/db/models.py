@@ -76,6 +76,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    expires_at: Mapped[datetime | None] = mapped_column(default=None)  # None: never
 
 
 class Job(Base):
@@ -110,7 +111,11 @@ class Job(Base):
 
 
 class Metric(Base):
-    """One scalar of one step: loss terms, lr, TID area fractions (mAP is in `evaluations`)."""
+    """One scalar of one step: loss terms, lr, TID area fractions (mAP is in `evaluations`).
+
+    One row per (job, step, name) across attempts: a resume's re-logged step overwrites the row
+    (worker/ingest.py), which then holds the attempt that logged it last and a new id (`id` is
+    the logging order the API's cursors follow)."""
 
     __tablename__ = "metrics"
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
@@ -121,7 +126,10 @@ class Metric(Base):
     value: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
-    __table_args__ = (Index("ix_metrics_job_id", "job_id", "id"),)
+    __table_args__ = (
+        Index("ix_metrics_job_id", "job_id", "id"),
+        Index("ux_metrics_job_id_step_name", "job_id", "step", "name", unique=True),
+    )
 
 
 class JobEvent(Base):
@@ -202,6 +210,9 @@ class Dataset(Base):
     num_train: Mapped[int | None] = mapped_column(Integer, default=None)
     num_val: Mapped[int | None] = mapped_column(Integer, default=None)
     class_names: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
+    # what an upload unpacked to, for the owner's storage quota; None where the service stores
+    # no copy (a registered folder) or a generated one (bounded by TID_MAX_BUILTIN_IMAGES)
+    bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
     def splits(self) -> tuple[str, str]:
@@ -225,6 +236,16 @@ class Model(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # arch, backbone...
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EventStream(Base):
+    """An open event stream (SSE), counted against its owner's limit by every API process;
+    renewed while it streams, so the row of one whose process died stops counting on expiry."""
+
+    __tablename__ = "event_streams"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner: Mapped[str] = mapped_column(String(128), index=True)
+    expires_at: Mapped[datetime]
 
 
 class IdempotencyKey(Base):

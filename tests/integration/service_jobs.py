@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,22 +109,37 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def logged_points(events: list[dict[str, Any]]) -> dict[tuple[int, str], float]:
+    """(step, name) -> the finite value the trainer logged last for it (a resume logs the steps
+    after its checkpoint again)."""
+    points = {}
+    for event in events:
+        if event["type"] == "step":
+            logged = {**event["losses"], "lr": event["lr"], **event["stats"]}
+            for name, value in logged.items():
+                if math.isfinite(float(value)):  # non-finite values are strings, never rows
+                    points[event["step"], name] = float(value)
+    return points
+
+
 def assert_nothing_lost(settings: Settings, job_id: str, *, steps: int | None = None) -> None:
-    """Every trainer event became rows: all of events.jsonl is ingested, each logged step has
-    its loss (`steps`: all of 1..steps), each checkpoint and evaluation its row, the newest
+    """Every trainer event became rows, once: all of events.jsonl is ingested, each logged
+    (step, name) has exactly one metric row, with the value logged last, each logged step its
+    loss (`steps`: all of 1..steps), each checkpoint and evaluation its row, the newest
     checkpoint and every artifact match their sha256."""
     run_dir = settings.jobs_dir / job_id
     events = read_events(run_dir / "events.jsonl")
     with session_scope(settings.database_url) as session:
         job = session.get_one(Job, job_id)
         assert job.events_offset == (run_dir / "events.jsonl").stat().st_size
-        loss_steps = set(
-            session.scalars(
-                select(Metric.step).where(Metric.job_id == job_id, Metric.name == "loss")
-            )
-        )
-        logged = {e["step"] for e in events if e["type"] == "step"}
-        assert loss_steps == logged
+        rows = session.execute(
+            select(Metric.step, Metric.name, Metric.value).where(Metric.job_id == job_id)
+        ).all()
+        counts = Counter((step, name) for step, name, _ in rows)
+        assert {key: n for key, n in counts.items() if n > 1} == {}  # nothing duplicated
+        assert {(step, name): value for step, name, value in rows} == logged_points(events)
+        loss_steps = {step for step, name, _ in rows if name == "loss"}
+        assert loss_steps == {e["step"] for e in events if e["type"] == "step"}
         if steps is not None:
             assert loss_steps == set(range(1, steps + 1))
         checkpoints = list(
