@@ -11,6 +11,10 @@ resumes from is on disk), 75 another trainer still held the run dir (nothing was
 
 from __future__ import annotations
 
+# isort: off
+import tid_core.cpu_threads  # noqa: F401 - sets OpenMP's threads and wait policy before torch loads it
+
+# isort: on
 import argparse
 import json
 import logging
