@@ -2,14 +2,14 @@
 the benchmark found that it helps?
 
 Over a distillation job's first `GRAD_RATIO_STEPS` steps the trainer measures
-‖∇ distillation‖ / ‖∇ detection‖ over the student's trainable parameters, as bench/accuracy.py's
-`grad_ratio` does: at the method's full loss weight (the warm-up ramp only scales the
-distillation terms, so its factor is divided out) and near initialisation, so the answer comes
-in the first seconds of a job rather than after its ramp. Every distillation job records the
-ratio (a `grad_ratio` event); one far outside `HELPFUL_GRAD_RATIO` also gets a `warning` event
-and a log line. Measuring leaves training as it was: the two norms come from
-`torch.autograd.grad` on the step's retained graph, which writes no `.grad`, before the step's
-own backward; it costs two extra partial backward passes on each measured step, on rank 0 only.
+‖∇ distillation‖ / ‖∇ detection‖ over the student's trainable parameters, as the benchmark's
+`grad_ratio` (bench/accuracy_jobs.py) does: at the method's full loss weight (the warm-up ramp only
+scales the distillation terms, so its factor is divided out) and near initialisation, so the answer
+comes in the first seconds of a job rather than after its ramp. Every distillation job records the
+ratio (a `grad_ratio` event); one far outside `HELPFUL_GRAD_RATIO` also gets a `warning` event and
+a log line. Measuring leaves training as it was: the two norms come from `torch.autograd.grad` on
+the step's retained graph, which writes no `.grad`, before the step's own backward; it costs two
+extra partial backward passes on each measured step, on rank 0 only.
 """
 
 from __future__ import annotations

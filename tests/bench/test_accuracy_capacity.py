@@ -8,18 +8,14 @@ from typing import Any
 
 import pytest
 
-from bench.accuracy import (
+from bench.accuracy_jobs import METHODS, TEACHER_SEED, TUNING_SEED, Job, job_spec
+from bench.capacity import (
     ALONE_AT_TEACHER_BUDGET,
     DEFAULTS,
-    METHODS,
     SETTINGS,
-    TEACHER_SEED,
     TUNED,
-    TUNING_SEED,
-    Job,
     RunCache,
     epoch_means,
-    job_spec,
     paired_difference,
     report_table,
     setting_recipe,

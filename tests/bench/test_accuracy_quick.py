@@ -14,7 +14,8 @@ import pytest
 import torch
 from torchvision.models import resnet18
 
-from bench.accuracy import ALONE_AT_TEACHER_BUDGET, METHODS, TUNED, job_spec
+from bench.accuracy_jobs import METHODS, job_spec
+from bench.capacity import ALONE_AT_TEACHER_BUDGET, TUNED
 from tid_core import recipes
 
 pytestmark = pytest.mark.slow
