@@ -55,7 +55,6 @@ from bench.accuracy_jobs import (
     cell,
     digests,
     distilled,
-    grad_ratio,
     initialised,
     job_spec,
     margin_problem,
@@ -69,6 +68,8 @@ from bench.accuracy_jobs import (
     tuning_data,
 )
 from bench.capacity import SETTINGS, capacity, print_capacity
+from bench.capacity_diagnosis import diagnosis, print_diagnosis
+from bench.distill_probe import probe
 from tid_core import recipes
 from tid_core.spec import JobSpec
 
@@ -107,7 +108,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     unit = {}  # the gradient ratio at loss weight 1: it scales linearly with the weight
     others = [m for m in args.methods if m != "none"]
     for name in others:
-        probe = job_spec(
+        spec = job_spec(
             "probe",
             initialised(recipe.student, args.student_weights_backbone),
             dataset,
@@ -118,7 +119,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
             distill={**METHODS[name], "loss_weight": 1.0},
             teacher=teacher,
         )
-        unit[name] = grad_ratio(probe, data, device=args.device)
+        unit[name] = probe(spec, data, device=args.device).grad_ratio
     weight = (
         args.loss_weight
         if args.loss_weight is not None
@@ -240,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--stage",
-        choices=("tune", "report", "all"),
+        choices=("tune", "report", "all", "diagnose"),
         default="all",
-        help="capacity: the tuning grid, the locked table (from recorded tuning runs), or both",
+        help="capacity: the tuning grid, the locked table (from recorded tuning runs), both, or "
+        "the diagnosis (each trial probed at its initial weights, beside its recorded AP)",
     )
     parser.add_argument(
         "--settings",
@@ -340,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
-    harness.report(capacity(args) if capacity_protocol else compare(args), print_table, args.json)
+    if capacity_protocol and args.stage == "diagnose":
+        harness.report(diagnosis(args), print_diagnosis, args.json)
+    else:
+        harness.report(
+            capacity(args) if capacity_protocol else compare(args), print_table, args.json
+        )
     return 0
 
 

@@ -7,7 +7,6 @@ mean nothing."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import statistics
 from collections.abc import Sequence
@@ -15,16 +14,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
-import torch
-
 from tid_core import recipes
 from tid_core.checkpoint import sha256_file
 from tid_core.data.builtin import BUILTINS
-from tid_core.data.coco import CocoDetection, build_loader
 from tid_core.data.generator import generate
 from tid_core.demo import run_job
-from tid_core.distill.distiller import build_models
-from tid_core.spec import JobSpec, PathDataset
+from tid_core.spec import JobSpec
 
 METRICS = recipes.METRICS
 # the student's distillation block per method; loss weights are the spec's defaults unless
@@ -55,7 +50,6 @@ METHODS: dict[str, dict[str, Any]] = {
 TEACHER_MARGIN_AP = 3.0  # the teacher must beat the lone student by this many AP points
 TUNING_SEED = 0  # the tuning grid's seed and dataset seed; reporting seeds must differ
 TEACHER_SEED = 100  # teachers train at a seed no student uses (tuning 0, reporting 1, 2, ...)
-PROBE_BATCHES = 4
 # the teacher's last epochs at the final learning rate (so the last one's gain says whether it
 # has plateaued); the student alone at the teacher's budget trains on the same schedule
 PLATEAU_EPOCHS = 2
@@ -111,45 +105,6 @@ def job_spec(
         spec["teacher"] = teacher
     JobSpec.model_validate(spec)  # fail before any training
     return spec
-
-
-def grad_ratio(spec: dict[str, Any], data: Path, *, device: str) -> float:
-    """‖∇ distillation‖ / ‖∇ detection‖ over the student's parameters at initialisation, at
-    the method's full loss weight (after its warm-up ramp), averaged over a few batches."""
-    parsed = JobSpec.model_validate(spec)
-    torch.manual_seed(parsed.schedule.seed)
-    assert isinstance(parsed.dataset, PathDataset)
-    train_ds = CocoDetection(data, parsed.dataset.train_split, train=True)
-    distiller = build_models(parsed, train_ds, parsed.dataset.input_size).to(device)
-    if distiller.teacher is not None:
-        distiller.teacher.to(device)
-    distiller.train()
-    loader = build_loader(
-        train_ds,
-        batch_size=parsed.schedule.batch_size,
-        train=True,
-        seed=parsed.schedule.seed,
-        num_workers=0,
-    )
-    params = [p for p in distiller.student.parameters() if p.requires_grad]
-
-    def norm(loss: torch.Tensor) -> float:
-        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
-        return math.sqrt(sum(float(g.pow(2).sum()) for g in grads if g is not None))
-
-    ratios = []
-    for index, (images, targets) in enumerate(loader):
-        if index == PROBE_BATCHES:
-            break
-        images = [img.to(device) for img in images]
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        losses, _ = distiller(images, targets, parsed.distill.loss_weight)
-        terms = set(distiller.distill_terms)
-        detection = sum(v for k, v in losses.items() if k not in terms)
-        distill = sum(v for k, v in losses.items() if k in terms)
-        assert isinstance(detection, torch.Tensor) and isinstance(distill, torch.Tensor)
-        ratios.append(norm(distill) / norm(detection))
-    return statistics.mean(ratios)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

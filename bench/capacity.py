@@ -226,6 +226,13 @@ class RunCache:
         key = JobSpec.model_validate(canonical).spec_hash()[:16]
         return self.folder / f"{name}-{key}.json"
 
+    def load(
+        self, name: str, spec: dict[str, Any], inputs: dict[str, str]
+    ) -> dict[str, Any] | None:
+        """The job's record, if it has one."""
+        file = self.file(name, spec, inputs)
+        return json.loads(file.read_text()) if file.exists() else None
+
     def has(self, jobs: Sequence[Job], teacher_digest: str) -> bool:
         inputs = {"teacher": teacher_digest}
         return all(self.file(j.label, j.spec, inputs).exists() for j in jobs)
@@ -240,13 +247,12 @@ class RunCache:
         threads: int | None = None,
     ) -> dict[str, Any]:
         """The job's record, or `run_job` and a new record."""
-        file = self.file(name, spec, inputs)
-        if file.exists():
-            print(f"{name:>8}: recorded in {file}", flush=True)
-            record: dict[str, Any] = json.loads(file.read_text())
-            return record
+        recorded = self.load(name, spec, inputs)
+        if recorded is not None:
+            print(f"{name:>8}: recorded in {self.folder}", flush=True)
+            return recorded
         record = self.record(run_job(name, spec, run_dir, inputs=inputs, threads=threads), run_dir)
-        self.put(file, record)
+        self.put(self.file(name, spec, inputs), record)
         return record
 
     @staticmethod
@@ -276,16 +282,22 @@ class RunCache:
 
 
 def recorded_teacher(
-    cache: RunCache, spec: dict[str, Any], run_dir: Path, jobs: Sequence[Job]
+    cache: RunCache,
+    spec: dict[str, Any],
+    run_dir: Path,
+    jobs: Sequence[Job],
+    *,
+    weights_here: bool = False,
 ) -> dict[str, Any]:
     """The teacher's record for `jobs`. It is trained (or reused from --out) unless every job
-    that distils from it is recorded under the recorded weights; weights trained here must be
-    the recorded ones, else the recorded runs were distilled from another teacher and cannot
-    share a table with new runs."""
+    that distils from it is recorded under the recorded weights (and, `weights_here`, its
+    weights are in `run_dir`); weights trained here must be the recorded ones, else the
+    recorded runs were distilled from another teacher and cannot share a table with new runs."""
     file = cache.file("teacher", spec, {})
     record: dict[str, Any] | None = json.loads(file.read_text()) if file.exists() else None
     distilling = [j for j in jobs if "teacher" in j.spec]
-    if record is not None and cache.has(distilling, record["weights_digest"]):
+    present = not weights_here or (run_dir / "student.safetensors").exists()
+    if record is not None and present and cache.has(distilling, record["weights_digest"]):
         return record
     result = run_job("teacher", spec, run_dir, inputs={}, threads=TEACHER_THREADS)
     trained = cache.record(result, run_dir)

@@ -22,6 +22,7 @@ from bench.capacity import (
     tuning_table,
     tuning_trials,
 )
+from bench.capacity_diagnosis import distill_fall
 from tid_core.models import BACKBONES
 
 
@@ -155,3 +156,10 @@ def test_a_records_trajectory_averages_each_term_per_epoch() -> None:
         "loss": [3.0, 1.0],
         "tid_key": [2.0, None],
     }
+
+
+def test_the_distillation_fall_is_the_terms_last_epoch_over_their_first() -> None:
+    record = {"per_epoch": {"tid_key": [2.0, 1.0, 0.5], "tid_rest": [2.0, None, 0.5], "x": [9.0]}}
+    assert distill_fall(record, ["tid_key", "tid_rest"]) == pytest.approx(0.25)
+    assert distill_fall({"per_epoch": {"fitnet": [3.0]}}, ["fitnet"]) is None
+    assert distill_fall({}, ["pkd"]) is None

@@ -15,7 +15,7 @@ import torch
 from torchvision.models import resnet18
 
 from bench.accuracy_jobs import METHODS, job_spec
-from bench.capacity import ALONE_AT_TEACHER_BUDGET, TUNED
+from bench.capacity import ALONE_AT_TEACHER_BUDGET, TUNED, tuning_trials
 from tid_core import recipes
 
 pytestmark = pytest.mark.slow
@@ -110,6 +110,17 @@ def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path:
     assert figures["settings"] == {} and set(figures["tuning"]["locked"]) == set(TUNED)
     assert table.count("locked") == len(TUNED)
     assert len(list(records.rglob("*.json"))) == 2 + len(TUNED)
+
+    # the diagnosis, from that session's teacher and records: every trial probed beside its AP
+    table, figures = run_quick(
+        tmp_path / "tune", *protocol, "--stage", "diagnose", header="Diagnosis"
+    )
+    assert set(figures["trials"]) == set(tuning_trials(quick=True))
+    for trial in figures["trials"].values():
+        assert trial["grad_ratio"] > 0 and trial["AP_above_alone"] is not None
+        assert len(trial["levels"]) == 5 and trial["terms"]
+    assert all(name in table for name in figures["trials"])
+    assert len(list(records.rglob("*.json"))) == 2 + len(TUNED)  # nothing trained
 
     # a second session, with an empty --out, reports: the locked trials come from the records;
     # its teacher, trained again, must have the recorded weights (bitwise, on one machine)
