@@ -295,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="training runs at a time")
     parser.add_argument("--out", type=Path, default=Path("var/bench/accuracy"))
     args = parser.parse_args(argv)
+    # absolute, so a run is reused whatever directory the script is started from: the paths
+    # in a job's spec are part of what makes a finished run the same run
+    args.out = args.out.resolve()
     capacity_protocol = args.protocol == "capacity"
     if capacity_protocol:
         # the protocol fixes its data, models, budgets and loss weights
