@@ -10,7 +10,14 @@ events in DIR/events.jsonl after the first `--skip` steps, and the data-loading 
 same cores in total: OMP_NUM_THREADS = cores / N. Runs alternate N within rounds; figures are
 medians of rounds.
 
-    python bench/ddp.py [--quick] [--device cuda] [--json FILE]
+`--hosts N` adds the job as N hosts of one process each (`hosts_ratio`: its throughput over
+that of one host with N processes, the same processes and threads). The hosts are network
+namespaces on this machine (bench/netns.py; root only), each with its own address, running
+torchrun with a c10d rendezvous on the first one's address, as the nodes of a job on several
+worker hosts do. The cores are the same, so the ratio is the cost of gloo's traffic between
+hosts (veth links and a bridge) against between the processes of one host (loopback).
+
+    python bench/ddp.py [--quick] [--device cuda] [--hosts 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -22,16 +29,17 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bench import harness
+from bench import harness, netns
 from tid_core.data.synthetic import generate_shapes
 from tid_core.events import read_events
-from tid_core.launch import torchrun_command
+from tid_core.launch import Rendezvous, torchrun_command
 from tid_core.spec import JobSpec
 
 
@@ -59,47 +67,95 @@ def job_spec(args: argparse.Namespace, dataset: Path, nproc: int) -> JobSpec:
     )
 
 
+RDZV_PORT = 29400  # on the first host: a fresh network namespace each run
+HOSTS_TIMEOUT_S = 3600.0  # a node that hangs (a peer died in a collective) fails the run
+
+
 @dataclass(frozen=True)
 class Setup:
-    """How one run is launched: processes and intra-op threads per process."""
+    """How one run is launched: processes per host, intra-op threads per process, hosts."""
 
     nproc: int
     threads: int
     reference: bool = False  # the one-thread reference run
+    hosts: int = 1
+
+    @property
+    def processes(self) -> int:
+        return self.nproc * self.hosts
 
     @property
     def key(self) -> str:
+        if self.hosts > 1:
+            return f"hosts{self.hosts}_nproc{self.nproc}"
         return "nproc1_1thread" if self.reference else f"nproc{self.nproc}"
 
 
 def setups(args: argparse.Namespace) -> list[Setup]:
     """Each nproc with cores / nproc threads; on CPU also one process with one thread, the
-    reference that shows whether threads or processes use the cores better."""
+    reference that shows whether threads or processes use the cores better; with `--hosts N`,
+    N hosts of one process with cores / N threads each."""
     runs = [Setup(n, max(1, args.cores // n)) for n in args.nprocs]
     if args.device == "cpu" and args.cores > 1 and 1 in args.nprocs:
         runs.append(Setup(1, 1, reference=True))
+    if args.hosts > 1:
+        runs.append(Setup(1, max(1, args.cores // args.hosts), hosts=args.hosts))
     return runs
+
+
+def run_on_hosts(setup: Setup, spec_path: Path, run_dir: Path, env: dict[str, str]) -> int:
+    """One run as `setup.hosts` nodes, each its own host (a network namespace) with the run
+    dir shared; 0, or the exit code of a failed node (the others are killed with their host:
+    they would wait for it until the process group's timeout)."""
+    with netns.hosts(setup.hosts) as network:
+        endpoint = f"{network.hosts[0].address}:{RDZV_PORT}"
+        run_id = f"ddp-bench-{uuid.uuid4().hex[:8]}"
+        nodes = []
+        for i, host in enumerate(network.hosts):
+            rendezvous = Rendezvous(setup.hosts, endpoint, run_id, local_addr=host.address)
+            cmd = torchrun_command(spec_path, run_dir, nproc=setup.nproc, rendezvous=rendezvous)
+            with (run_dir / f"train.node{i}.log").open("wb") as out:
+                node = host.popen(
+                    cmd, cwd=harness.ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
+                )
+                nodes.append(node)
+        deadline = time.monotonic() + HOSTS_TIMEOUT_S
+        while True:
+            codes = [node.poll() for node in nodes]
+            if failed := [code for code in codes if code not in (None, 0)]:
+                return failed[0]
+            if None not in codes:
+                return 0
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{run_dir}: the nodes ran past {HOSTS_TIMEOUT_S} s")
+            time.sleep(0.2)
 
 
 def train_once(
     args: argparse.Namespace, dataset: Path, work: Path, setup: Setup
 ) -> dict[str, float]:
     """One torchrun run; its steady-state step time, data-wait share and wall time."""
-    nproc = setup.nproc
     run_dir = work / f"run-{setup.key}-{time.monotonic_ns()}"
     run_dir.mkdir()
     spec_path = run_dir / "spec.json"
-    spec_path.write_text(job_spec(args, dataset, nproc).model_dump_json())
+    spec_path.write_text(job_spec(args, dataset, setup.processes).model_dump_json())
     env = harness.child_env(OMP_NUM_THREADS=str(setup.threads))
-    cmd = torchrun_command(spec_path, run_dir, nproc=nproc)
     start = time.perf_counter()
-    with (run_dir / "train.log").open("wb") as out:
-        code = subprocess.run(
-            cmd, cwd=harness.ROOT, env=env, stdout=out, stderr=subprocess.STDOUT
-        ).returncode
+    if setup.hosts > 1:
+        code = run_on_hosts(setup, spec_path, run_dir, env)
+    else:
+        with (run_dir / "train.log").open("wb") as out:
+            code = subprocess.run(
+                torchrun_command(spec_path, run_dir, nproc=setup.nproc),
+                cwd=harness.ROOT,
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            ).returncode
     wall = time.perf_counter() - start
     if code != 0:
-        log = (run_dir / "train.log").read_text(errors="replace")[-3000:]
+        logs = sorted(run_dir.glob("train*.log"))
+        log = "".join(f.read_text(errors="replace")[-3000:] for f in logs)
         raise RuntimeError(f"{setup.key}: the trainer exited {code}:\n{log}")
     steps = [e for e in read_events(run_dir / "events.jsonl") if e["type"] == "step"]
     steady = steps[args.skip :]
@@ -129,10 +185,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for setup, samples in runs.items():
         step_s = statistics.median(s["step_s"] for s in samples)
         figures = {
-            "nproc": setup.nproc,
+            "nproc": setup.processes,
+            "hosts": setup.hosts,
             "threads": setup.threads,
             "step_s": round(step_s, 4),
-            "images_per_s": round(args.batch_size * setup.nproc / step_s, 2),
+            "images_per_s": round(args.batch_size * setup.processes / step_s, 2),
             "data_frac": round(statistics.median(s["data_frac"] for s in samples), 4),
             "wall_s": round(statistics.median(s["wall_s"] for s in samples), 1),
         }
@@ -144,6 +201,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     if "nproc1_1thread_images_per_s" in result:
         ref = result[f"nproc{top}_images_per_s"] / result["nproc1_1thread_images_per_s"]
         result["speedup_vs_1thread"] = round(ref, 3)
+    if args.hosts > 1:  # N hosts x 1 process against 1 host x N processes
+        hosts = result[f"hosts{args.hosts}_nproc1_images_per_s"]
+        result["hosts_ratio"] = round(hosts / result[f"nproc{args.hosts}_images_per_s"], 3)
     result["config"] = {k: v for k, v in vars(args).items() if k not in {"json", "quick"}} | {
         "setups": [setup.key for setup in runs],
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(unset)"),
@@ -165,8 +225,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"OMP_WAIT_POLICY {cfg['omp_wait_policy']}"
     )
     print(
-        f"{'nproc':>5}{'threads':>9}{'step s':>9}{'images/s':>10}{'speedup':>9}{'eff.':>7}"
-        f"{'data wait':>11}{'run wall s':>12}"
+        f"{'hosts':>5}{'nproc':>6}{'threads':>9}{'step s':>9}{'images/s':>10}{'speedup':>9}"
+        f"{'eff.':>7}{'data wait':>11}{'run wall s':>12}"
     )
     base = cfg["nprocs"][0]
     for key in cfg["setups"]:
@@ -175,10 +235,17 @@ def print_table(result: dict[str, Any]) -> None:
         reference = key == "nproc1_1thread"
         efficiency = "" if reference else f"{speedup * base / nproc:.2f}"
         print(
-            f"{nproc:>5}{result[f'{key}_threads']:>9}{result[f'{key}_step_s']:>9.3f}"
+            f"{result[f'{key}_hosts']:>5}{nproc:>6}{result[f'{key}_threads']:>9}"
+            f"{result[f'{key}_step_s']:>9.3f}"
             f"{result[f'{key}_images_per_s']:>10.1f}{speedup:>9.2f}{efficiency:>7}"
             f"{result[f'{key}_data_frac']:>11.1%}{result[f'{key}_wall_s']:>12.1f}"
             + ("  reference: one thread" if reference else "")
+        )
+    if "hosts_ratio" in result:
+        n = cfg["hosts"]
+        print(
+            f"{n} hosts x 1 process (network namespaces, c10d, gloo over veth) against 1 host x "
+            f"{n} processes: throughput ratio {result['hosts_ratio']:.3f}"
         )
 
 
@@ -195,6 +262,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps left out")
     parser.add_argument("--num-workers", type=int, help="loader workers (default: 0 CPU, 4 GPU)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=1,
+        help="also run N hosts x 1 process (network namespaces; root), against 1 host x N",
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.fpn, args.batch_size, args.image_size = 64, 2, 64
@@ -205,7 +278,9 @@ def main(argv: list[str] | None = None) -> int:
         args.nprocs = (
             list(range(1, torch.cuda.device_count() + 1)) if args.device == "cuda" else [1, 2]
         )
-    args.nprocs = sorted(set(args.nprocs))
+    if args.hosts > 1 and args.device == "cuda":
+        parser.error("--hosts: CPU only (the hosts would share the GPUs)")
+    args.nprocs = sorted(set(args.nprocs) | ({args.hosts} if args.hosts > 1 else set()))
     if args.num_workers is None:
         args.num_workers = 4 if args.device == "cuda" else 0
     if any(args.steps % n for n in args.nprocs) or args.steps // args.nprocs[-1] < args.skip + 2:

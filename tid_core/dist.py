@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import datetime
+import fcntl
+import logging
 import os
 import signal
+import socket
+import struct
 import sys
+from contextlib import suppress
 from typing import Any
 
 import torch
@@ -13,12 +18,51 @@ import torch.distributed as dist
 
 from tid_core.launch import set_parent_death_signal
 
+log = logging.getLogger("tid_core.dist")
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
+
 
 def init_distributed(device: torch.device) -> None:
-    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1."""
+    """Join torchrun's process group (nccl on CUDA, gloo on CPU) when WORLD_SIZE > 1.
+
+    Across nodes, gloo is bound to the interface that reaches MASTER_ADDR unless
+    GLOO_SOCKET_IFNAME names one: by default gloo binds the address the host name resolves to,
+    which is often a loopback address (127.0.1.1 in Debian's /etc/hosts) that the other nodes
+    cannot reach, or one not even in this host's network namespace (gloo then falls back to
+    127.0.0.1).
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        if backend == "gloo" and spans_nodes() and "GLOO_SOCKET_IFNAME" not in os.environ:
+            interface = route_interface(os.environ["MASTER_ADDR"])
+            if interface is None:
+                log.warning("no IPv4 interface reaches %s", os.environ["MASTER_ADDR"])
+            else:
+                log.info("gloo uses %s, the interface to the master node", interface)
+                os.environ["GLOO_SOCKET_IFNAME"] = interface
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=10))
+
+
+def spans_nodes() -> bool:
+    """Whether torchrun's world is on more than one node (host)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def route_interface(address: str) -> str | None:
+    """The interface this host sends from to `address` (IPv4): the one holding the source
+    address the kernel picks for it. None without an IPv4 route or such an interface."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((address, 9))  # a UDP connect sends nothing: it only picks the route
+        except OSError:
+            return None
+        source = probe.getsockname()[0]
+        for _, name in socket.if_nameindex():
+            with suppress(OSError):  # no IPv4 address
+                request = struct.pack("256s", name.encode())
+                if socket.inet_ntoa(fcntl.ioctl(probe, SIOCGIFADDR, request)[20:24]) == source:
+                    return name
+    return None
 
 
 def is_distributed() -> bool:
@@ -58,6 +102,24 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         dist.all_reduce(out)
         out /= get_world_size()
+    return out
+
+
+def broadcast_from_main(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any) -> list[Any]:
+    """Every rank's object, on every rank, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 

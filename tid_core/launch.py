@@ -1,5 +1,6 @@
-"""How the trainer is started: the torchrun command line for a spec and a run dir, and the
-parent-death signal that keeps a trainer from outliving whoever started it.
+"""How the trainer is started: the torchrun command line for a spec and a run dir (on one host
+or as one node of several), and the parent-death signal that keeps a trainer from outliving
+whoever started it.
 
 Torch-free, so the worker and the benchmarks start trainers exactly as
 `python -m torch.distributed.run --standalone ... -m tid_core.train` does by hand.
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -31,13 +33,55 @@ def terminate_with_parent() -> None:
     set_parent_death_signal(signal.SIGTERM)
 
 
-def torchrun_command(spec: Path, run_dir: Path, *, nproc: int) -> list[str]:
-    """argv for `nproc` trainer processes on this host (a standalone rendezvous)."""
+@dataclass(frozen=True)
+class Rendezvous:
+    """One node's part in a job that spans `nnodes` hosts: torchrun's c10d rendezvous.
+
+    `endpoint` ("ADDRESS:PORT") is on the node that hosts the rendezvous store, the one whose
+    `local_addr` is ADDRESS, spelled the same; `run_id` names one attempt of the job, so that
+    a retry never joins a dead attempt's round. `local_addr` is this node's address as the
+    other nodes reach it: torchrun names the node by it instead of by the host name (which may
+    resolve to a loopback or unreachable address), and the node that c10d makes rank 0 (the
+    nodes sorted by it: not necessarily the endpoint's) serves the trainers' store there
+    (MASTER_ADDR). Global rank 0, the one that writes the run dir, is on that node.
+    """
+
+    nnodes: int
+    endpoint: str
+    run_id: str
+    local_addr: str
+
+    @property
+    def hosts_store(self) -> bool:
+        return self.endpoint.rsplit(":", 1)[0].strip("[]") == self.local_addr
+
+    def torchrun_args(self) -> list[str]:
+        """torchrun's flags. `is_host` says which node serves the store: torchrun's own guess
+        compares the endpoint with the host name and its addresses, and misses both where the
+        address is not the one the host name resolves to. No restarts: a failed node fails the
+        attempt, and the service decides about the next one."""
+        return [
+            f"--nnodes={self.nnodes}",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={self.endpoint}",
+            f"--rdzv-id={self.run_id}",
+            f"--rdzv-conf=is_host={int(self.hosts_store)}",
+            f"--local-addr={self.local_addr}",
+            "--max-restarts=0",
+        ]
+
+
+def torchrun_command(
+    spec: Path, run_dir: Path, *, nproc: int, rendezvous: Rendezvous | None = None
+) -> list[str]:
+    """argv for `nproc` trainer processes on this host: alone (a standalone rendezvous) or
+    as one node of several."""
+    nodes = ["--standalone"] if rendezvous is None else rendezvous.torchrun_args()
     return [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--standalone",
+        *nodes,
         f"--nproc-per-node={nproc}",
         "-m",
         "tid_core.train",
