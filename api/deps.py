@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 from api.problems import NotFound, Unauthorized
 from store.db.owned import Owned, find_owned
 from store.db.session import session_scope
-from store.keys import verify_key
+from store.keys import InvalidKey, verify_key
 from store.settings import Settings
 
 
@@ -53,10 +53,10 @@ def get_current_owner(
 ) -> str:
     if credentials is None:
         raise Unauthorized("missing API key: send `Authorization: Bearer <key>`")
-    owner = verify_key(session, credentials.credentials)
-    if owner is None:
-        raise Unauthorized("invalid or revoked API key")
-    return owner
+    try:
+        return verify_key(session, credentials.credentials)
+    except InvalidKey as exc:
+        raise Unauthorized(str(exc)) from exc
 
 
 CurrentOwner = Annotated[str, Depends(get_current_owner)]

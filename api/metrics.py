@@ -40,8 +40,9 @@ from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import FunctionElement
 
 from api.problems import Unauthorized
-from store.db.models import FINAL_STATES, JOB_STATES, Job, utcnow
+from store.db.models import FINAL_STATES, JOB_STATES, Job
 from store.db.session import TRANSIENT_ERRORS, session_scope
+from store.db.transitions import db_now
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class ServiceCollector(Collector):
             expired = session.scalar(
                 select(func.count())
                 .select_from(Job)
-                .where(Job.state == "running", Job.lease_expires < utcnow())
+                .where(Job.state == "running", Job.lease_expires < db_now(session))
             )
             histograms = {
                 state: rest

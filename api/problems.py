@@ -86,8 +86,10 @@ class Unprocessable(ProblemError):
 class TooManyRequests(ProblemError):
     status = 429
 
-    def __init__(self, detail: str, *, retry_after: int) -> None:
-        super().__init__(detail, headers={"Retry-After": str(retry_after)})
+    def __init__(self, detail: str, *, retry_after: int | None) -> None:
+        """`retry_after` None: waiting frees nothing (a full storage quota), so no Retry-After."""
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(detail, headers=headers)
 
 
 class Unavailable(ProblemError):

@@ -142,11 +142,9 @@ def _central_directory_bytes(src: BinaryIO) -> int | None:
     return int(directory)
 
 
-def extract_dataset_zip(
-    src: BinaryIO, dest: Path, *, max_bytes: int, splits: Sequence[str]
-) -> None:
-    """Unpack a zipped COCO folder with these splits into `dest` (created here), or raise and
-    remove it again."""
+def extract_dataset_zip(src: BinaryIO, dest: Path, *, max_bytes: int, splits: Sequence[str]) -> int:
+    """Unpack a zipped COCO folder with these splits into `dest` (created here) and return the
+    bytes written, or raise and remove it again."""
     if src.seek(0, os.SEEK_END) > max_bytes:
         raise PayloadTooLarge(f"upload exceeds the limit of {max_bytes} bytes")
     directory = _central_directory_bytes(src)
@@ -187,6 +185,7 @@ def extract_dataset_zip(
             if isinstance(exc, _BROKEN_ENTRY):
                 raise Unprocessable(f"cannot extract the zip: {exc}") from exc
             raise
+    return written
 
 
 def tail_lines(path: Path, lines: int) -> str:

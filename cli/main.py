@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -44,14 +45,62 @@ def db_upgrade() -> None:
 
 
 @keys_app.command("create")
-def keys_create(owner: Annotated[str, typer.Option(help="who the key belongs to")]) -> None:
+def keys_create(
+    owner: Annotated[str, typer.Option(help="who the key belongs to")],
+    expires_in: Annotated[
+        float | None,
+        typer.Option(
+            min=0, max=36500, help="days until it expires, fractions allowed (default: never)"
+        ),
+    ] = None,
+) -> None:
     """Create an API key for OWNER and print it (it is stored hashed: copy it now)."""
+    from store.db.models import utcnow
     from store.db.session import session_scope
     from store.keys import create_key
 
+    expires_at = None if expires_in is None else utcnow() + timedelta(days=expires_in)
     with session_scope(get_settings().database_url) as session:
-        key = create_key(session, owner=owner)
+        key = create_key(session, owner=owner, expires_at=expires_at)
     typer.echo(key)
+
+
+def _when(at: datetime | None) -> str:
+    return "-" if at is None else f"{at:%Y-%m-%d %H:%M}"
+
+
+@keys_app.command("list")
+def keys_list(
+    owner: Annotated[str | None, typer.Option(help="only this owner's keys")] = None,
+) -> None:
+    """Every API key, oldest first (times UTC), without its secret: the prefix tells which key
+    one holds (`tid_<prefix>_...`)."""
+    from store.db.session import session_scope
+    from store.keys import list_keys
+
+    with session_scope(get_settings().database_url) as session:
+        keys = list_keys(session, owner=owner)
+    typer.echo(f"{'id':<34}{'prefix':<10}{'owner':<20}{'created':<18}{'expires':<18}revoked")
+    for key in keys:
+        typer.echo(
+            f"{key.id:<34}{key.prefix:<10}{key.owner[:19]:<20}{_when(key.created_at):<18}"
+            f"{_when(key.expires_at):<18}{_when(key.revoked_at)}"
+        )
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="the key's id (`tid keys list`)")],
+) -> None:
+    """Revoke an API key: every request with it is a 401 from now on."""
+    from store.db.session import session_scope
+    from store.keys import revoke_key
+
+    with session_scope(get_settings().database_url) as session:
+        key = revoke_key(session, key_id)
+    if key is None:
+        _fail(LookupError(f"no API key {key_id!r}"))
+    typer.echo(f"revoked {key.id} of {key.owner} at {_when(key.revoked_at)} UTC")
 
 
 @app.command()

@@ -20,6 +20,8 @@ from store.db.models import ApiKey, utcnow
 
 SCHEME = "tid_"
 PREFIX_CHARS = 8  # token_urlsafe(6) is exactly 8 characters
+# for a caller without the secret: which of these it is stays unsaid
+UNKNOWN = "invalid or revoked API key"
 
 
 class InvalidKey(Exception):
@@ -45,11 +47,11 @@ def verify_key(session: Session, key: str) -> str:
     """The owner of `key`; InvalidKey when it is malformed, unknown, revoked or expired."""
     head = len(SCHEME) + PREFIX_CHARS
     if not key.startswith(SCHEME) or len(key) <= head + 1 or key[head] != "_":
-        raise InvalidKey("invalid API key")
+        raise InvalidKey(UNKNOWN)
     prefix, secret = key[len(SCHEME) : head], key[head + 1 :]
     row = session.scalar(select(ApiKey).where(ApiKey.prefix == prefix))
     if row is None or not hmac.compare_digest(row.key_hash, _digest(secret)):
-        raise InvalidKey("invalid API key")
+        raise InvalidKey(UNKNOWN)
     if row.revoked_at is not None:
         raise InvalidKey(f"API key {row.id} was revoked at {row.revoked_at:%Y-%m-%d %H:%M} UTC")
     if row.expires_at is not None and row.expires_at <= utcnow():

@@ -7,8 +7,9 @@ Celery task but a loop process (`tid reconcile --loop`), so it runs even when ev
 busy training.
 
 Tasks are sent only after the rows they name are committed, and a failed send never turns a
-written row into an error response: jobs are re-sent by the reconciler, and a dataset or model
-whose check could not be queued is marked failed with the reason, so nothing waits forever.
+written row into an error response. Each send the broker accepts is recorded in its row, so
+that the reconciler can send again what may be lost (`store.db.sends`): a message never sent,
+or missing from the queue.
 """
 
 from __future__ import annotations
@@ -18,15 +19,21 @@ import socket
 from functools import lru_cache
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 from sqlalchemy.orm import Session
 
 from store import filesystem_broker
-from store.db.models import Dataset, Model
+from store.db import sends
+from store.db.models import Dataset, Job, Model
+from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.settings import Settings
 
 RUN_JOB = "tid.run_job"
 PREPARE_DATASET = "tid.prepare_dataset"
 CHECK_MODEL = "tid.check_model"
+# the row each task is sent for, where its sends are recorded
+ROW_OF_TASK: dict[str, sends.Waiting] = {RUN_JOB: Job, PREPARE_DATASET: Dataset, CHECK_MODEL: Model}
+TASK_FOR_ROW = {row: task for task, row in ROW_OF_TASK.items()}
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,10 @@ def _redis_options(settings: Settings) -> dict[str, object]:
     connection and never answers hangs its caller (an API request) for good."""
     idle, interval, probes = settings.keepalive
     return {
+        # the reconciler re-sends a dataset's or model's check only this long after its last
+        # send: before it, its message may be with a worker (checking), and were that worker
+        # dead, Redis would give the message to another one
+        "visibility_timeout": settings.broker_visibility_seconds,
         "socket_connect_timeout": settings.broker_timeout_seconds,
         "socket_timeout": settings.broker_timeout_seconds,
         "socket_keepalive": True,
@@ -83,22 +94,42 @@ def send(settings: Settings, task: str, *args: str) -> None:
 
 
 def enqueue(settings: Settings, task: str, resource_id: str) -> bool:
-    """Send `task` for a committed row; False (and logged) when the broker refused it or did
-    not answer within `broker_timeout_seconds`."""
+    """Send `task` for a committed row and record the send in it; False (and logged) when the
+    broker refused it or did not answer within `broker_timeout_seconds`, and nothing recorded.
+    A send that could not be recorded (the database away) is only sent again: a duplicate,
+    which the task ignores."""
     try:
         send(settings, task, resource_id)
     except Exception:
         log.exception("could not send %s(%s) to the task queue", task, resource_id)
         return False
+    try:
+        with session_scope(settings.database_url) as session:
+            sends.record_sent(session, ROW_OF_TASK[task], resource_id)
+    except TRANSIENT_ERRORS as exc:
+        log.warning("sent %s(%s); the database did not record it: %s", task, resource_id, exc)
     return True
+
+
+def queue_length(settings: Settings) -> int | None:
+    """How many messages wait in the service queue (not those workers hold); None when the
+    broker cannot say (down, or not answering within `broker_timeout_seconds`)."""
+    try:
+        with _cached(settings.model_dump_json()).connection_for_write() as conn:
+            declared = conn.default_channel.queue_declare(queue=settings.queue, passive=True)
+    except ChannelError:  # Redis keeps no empty list: an empty queue does not exist
+        return 0
+    except Exception as exc:
+        log.warning("could not count the messages in the task queue: %s", exc)
+        return None
+    return int(declared.message_count)
 
 
 def commit_and_enqueue(
     session: Session, settings: Settings, row: Dataset | Model, task: str
 ) -> None:
-    """Insert a pending dataset or model, commit, then queue the worker task that checks it."""
+    """Insert a pending dataset or model, commit, then queue the worker task that checks it (a
+    failed send leaves it pending: the reconciler sends it again)."""
     session.add(row)
     session.commit()
-    if not enqueue(settings, task, row.id):
-        row.state = "failed"
-        row.error = "the task queue could not be reached: please create it again"
+    enqueue(settings, task, row.id)

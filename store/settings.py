@@ -30,7 +30,21 @@ class Settings(BaseSettings):
     dataset_roots: list[Path] = Field(default_factory=list)
     lease_seconds: int = Field(default=30, ge=2, le=3600)
     reconcile_seconds: float = Field(default=10.0, gt=0, le=3600)
+    # a waiting job, dataset or model whose message was not sent (a failed send, a process that
+    # died before it) this long after it began to wait, or was sent this long ago and is missing
+    # from the broker's queue, is sent again (store/db/sends.py)
     requeue_after_seconds: float = Field(default=60.0, gt=0, le=86400)
+    # the Redis transport's visibility timeout: a message a worker took and never acknowledged
+    # (it died) goes back to the queue after this. A dataset's or model's check holds its
+    # message while it runs, so it is sent again only this long after its last send: keep it
+    # above the longest check (TID_CHECK_SECONDS)
+    broker_visibility_seconds: int = Field(default=7200, ge=1, le=7 * 86400)
+    # the most messages one reconciler pass sends again
+    resend_per_pass: int = Field(default=100, ge=1, le=100_000)
+    # a dataset or model still pending after this many sends of its check (and found lost again),
+    # or after this long, is failed with the reason instead of waiting for ever
+    check_max_sends: int = Field(default=5, ge=1, le=100)
+    check_max_pending_seconds: float = Field(default=86400.0, gt=0, le=30 * 86400)
     cancel_grace_seconds: float = Field(default=10.0, ge=0, le=3600)
     # how long a worker keeps retrying the write of a finished job's outcome while the
     # database is away, before it leaves the job to its lease (and the reconciler)
@@ -54,6 +68,15 @@ class Settings(BaseSettings):
     # TCP keepalive on PostgreSQL and Redis connections: idle seconds before probing a peer,
     # which is given up about as long again later
     keepalive_seconds: int = Field(default=30, ge=3, le=3600)
+    # a dataset or model check runs in a child process under these limits (worker.resource_check):
+    # its address space, torch's libraries included (~3.6 GB of it with the CUDA build; COCO
+    # 2017's train split needs ~6.5 GB in all); its CPU time; its wall-clock time
+    check_memory_mb: int = Field(default=16384, ge=256, le=1 << 24)
+    check_cpu_seconds: int = Field(default=3600, ge=1, le=7 * 86400)
+    check_seconds: float = Field(default=3600.0, gt=0, le=7 * 86400)
+    # deliveries of one check's message; the next one fails the dataset or model rather than
+    # run again a check that keeps killing or losing its worker
+    check_max_deliveries: int = Field(default=3, ge=1, le=100)
     # jobs one owner may have queued or running at once, so nobody floods the queue (0: no limit)
     max_active_jobs_per_owner: int = Field(default=20, ge=0, le=100_000)
     # what one owner may hold (0: no limit), whatever its state: a failed upload's files stay

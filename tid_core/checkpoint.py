@@ -13,8 +13,8 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 

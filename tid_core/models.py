@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34, resnet50
 from torchvision.models.detection import FCOS, RetinaNet
@@ -30,7 +31,7 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
 
-from tid_core.checkpoint import sha256_file
+from tid_core.checkpoint import save_atomic, sha256_file, write_atomic
 from tid_core.spec import ARCHS, TRAINABLE_BACKBONE_LAYERS
 
 STRIDES = (8, 16, 32, 64, 128)
@@ -158,14 +159,14 @@ def build_from_meta(meta: DetectorMeta) -> FCOS | RetinaNet:
 
 
 def save_weights(model: nn.Module, meta: DetectorMeta, path: Path) -> None:
-    """Write a detector's weights with metadata, as `.safetensors` or `.pt` by suffix."""
+    """Write a detector's weights with metadata, as `.safetensors` or `.pt` by suffix, as a
+    checkpoint is written (atomic, fsynced): the `end` event that names the file comes after."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        save_file(state, str(tmp), metadata=meta.to_strings())
+        encoded = safetensors_bytes(state, metadata=meta.to_strings())
+        write_atomic(path, lambda f: f.write(encoded))
     else:
-        torch.save({"state_dict": state, "metadata": meta.to_strings()}, tmp)
-    tmp.replace(path)
+        save_atomic({"state_dict": state, "metadata": meta.to_strings()}, path)
 
 
 def export_student(model: nn.Module, meta: DetectorMeta, folder: Path) -> dict[str, Any]:

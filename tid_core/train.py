@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from tid_core import dist
-from tid_core.checkpoint import CheckpointDir, TrainingState
+from tid_core.checkpoint import CheckpointDir, TrainingState, write_atomic
 from tid_core.data.builtin import generate_builtin
 from tid_core.data.coco import CocoDetection, build_loader
 from tid_core.distill.distiller import build_models
@@ -61,6 +61,7 @@ from tid_core.events import (
 from tid_core.grad_guard import GradRatioProbe
 from tid_core.models import DetectorMeta, export_student
 from tid_core.run_lock import RunDirLocked, lock_run_dir
+from tid_core.shared_run_dir import check_shared_run_dir
 from tid_core.spec import BuiltinDataset, IdDataset, JobSpec
 from tid_core.tensorboard_log import ScalarLog
 
@@ -266,9 +267,8 @@ def train(
         )
         artifacts = export_student(student, meta, run_dir)
         final = {**metrics, "step": p.step, "epoch": p.epoch}
-        tmp = run_dir / "metrics.json.tmp"
-        tmp.write_text(json.dumps(final, indent=2))
-        tmp.replace(run_dir / "metrics.json")
+        summary = json.dumps(final, indent=2).encode()
+        write_atomic(run_dir / "metrics.json", lambda f: f.write(summary))
         events.emit(EndEvent(step=p.step, metrics=final, artifacts=artifacts), durable=True)
     dist.barrier()
     return 0
@@ -297,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = JobSpec.model_validate_json(args.spec.read_text())
         device = dist.pick_device(spec.resources.device)
         dist.init_distributed(device)
+        check_shared_run_dir(args.run_dir)
         events = EventWriter(args.run_dir / "events.jsonl" if dist.is_main_process() else None)
         return train(spec, args.run_dir, device, events, stop)
     except Exception as exc:

@@ -88,9 +88,7 @@ class _Batch:
     def __init__(self, job_id: str, *, attempt: int, artifacts: set[str]) -> None:
         self.job_id, self.attempt = job_id, attempt
         self.rows: list[Base] = []
-        # (step, name) -> the point's columns, in logging order; a point logged again in the
-        # same batch moves to its end (one statement may not upsert a row twice)
-        self.metrics: dict[tuple[int, str], dict[str, Any]] = {}
+        self.metrics: list[dict[str, Any]] = []  # upserted, in logging order
         self.values: dict[str, Any] = {}
         self.artifacts = artifacts  # names that already have a row
         # name -> (sha256, bytes) of a file with a row whose export was written again: the row
@@ -103,15 +101,15 @@ class _Batch:
                 "job %s step %d: %s=%r is not a finite number", self.job_id, step, name, value
             )
             return
-        key = (step, name[:MAX_NAME_CHARS])
-        self.metrics.pop(key, None)
-        self.metrics[key] = {
-            "job_id": self.job_id,
-            "attempt": self.attempt,
-            "step": step,
-            "name": key[1],
-            "value": value,
-        }
+        self.metrics.append(
+            {
+                "job_id": self.job_id,
+                "attempt": self.attempt,
+                "step": step,
+                "name": name[:MAX_NAME_CHARS],
+                "value": value,
+            }
+        )
 
     def add(self, event: Event) -> None:
         if isinstance(event, StartEvent | StepEvent):
@@ -230,7 +228,7 @@ def ingest_events(session: Session, job_id: str, *, run_dir: Path, attempt: int)
         return 0
     session.add_all(batch.rows)
     if batch.metrics:
-        _upsert_metrics(session, list(batch.metrics.values()))
+        _upsert_metrics(session, batch.metrics)
     for name, (sha256, size) in batch.rewritten.items():
         session.execute(
             update(Artifact)

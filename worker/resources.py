@@ -1,125 +1,102 @@
-"""Short worker tasks that make an uploaded or registered resource `ready` (they need torch).
-
-Torch is imported by the first such task, not when the worker starts: it is 5 of the 6 s a
-worker takes to import, and training jobs run it in the trainer process, never here.
+"""Short worker tasks that make an uploaded or registered resource `ready`.
 
 A dataset is `ready` once both splits parse as COCO and their images exist; an uploaded model
 once its weights load, without unpickling code, into the detector its own metadata describes
-(or, without tid metadata, into the backbone whose tensors it holds).
-Either is `failed` with the reason otherwise. A resource that is no longer `pending` is left
-alone, so a duplicate message is a no-op.
+(or, without tid metadata, into the backbone whose tensors it holds). Either is `failed` with
+the reason otherwise. The check itself runs in a child process under memory and time limits
+(`worker.resource_check`), so this process never parses the upload nor imports torch.
+
+Each delivery of a check's message is counted in the row before the check starts. A message
+whose check never finishes (its worker killed or lost each time, which the limits should
+prevent but cannot for a host that dies) is redelivered: past `TID_CHECK_MAX_DELIVERIES` the
+resource fails instead of running the check once more. A resource that is no longer `pending`
+is left alone, so a duplicate message is a no-op.
 """
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
 from sqlalchemy import update
 
 from store.db.models import Dataset, Model
 from store.db.session import session_scope
 from store.settings import Settings
-from tid_core.data.builtin import generate_builtin
-from tid_core.spec import BuiltinDataset
-
-if TYPE_CHECKING:
-    from tid_core.data.coco import CocoDetection
+from worker import resource_check
+from worker.resource_check import DatasetCheck, ModelCheck, Outcome
 
 log = logging.getLogger(__name__)
 
 Row = TypeVar("Row", Dataset, Model)
 
 
-def _pending(settings: Settings, kind: type[Row], id_: str) -> Row | None:
-    """The row if it still waits for this check, else None (gone, or already decided)."""
+def _deliver(settings: Settings, kind: type[Row], id_: str) -> Row | None:
+    """Count this delivery; the row if it still waits for its check, else None (gone, or
+    already decided). One conditional UPDATE ... RETURNING, so racing deliveries each count."""
     with session_scope(settings.database_url) as session:
-        row = session.get(kind, id_)
-    if row is None or row.state != "pending":
-        log.info("%s %s: nothing to do (%s)", kind.__name__, id_, row.state if row else "gone")
-        return None
+        row = session.scalars(
+            update(kind)
+            .where(kind.id == id_, kind.state == "pending")
+            .values(deliveries=kind.deliveries + 1)
+            .returning(kind)
+        ).one_or_none()
+    if row is None:
+        log.info("%s %s: nothing to do (gone, or no longer pending)", kind.__name__, id_)
     return row
 
 
-def _decide(settings: Settings, kind: type[Row], id_: str, **values: Any) -> None:
+def _decide(settings: Settings, kind: type[Row], id_: str, outcome: Outcome) -> None:
     """pending -> ready or failed, conditionally, like job transitions."""
     with session_scope(settings.database_url) as session:
         session.execute(
-            update(kind).where(kind.id == id_, kind.state == "pending").values(**values)
+            update(kind)
+            .where(kind.id == id_, kind.state == "pending")
+            .values(state=outcome.state, error=outcome.error, **outcome.values)
         )
-    log.info("%s %s: %s %s", kind.__name__, id_, values["state"], values.get("error") or "")
+    log.info("%s %s: %s %s", kind.__name__, id_, outcome.state, outcome.error or "")
 
 
-def _count_split(root: Path, split: str, *, allowed: list[Path]) -> CocoDetection:
-    """The split, once each of its images exists and resolves under an allowed folder: a
-    `file_name` with `..` or a symlink must not make the trainer read files outside them."""
-    from tid_core.data.coco import CocoDetection
-
-    ds = CocoDetection(root, split, train=False)
-    paths = [ds.image_path(i) for i in range(len(ds))]
-    outside = [p for p in paths if not any(p.resolve().is_relative_to(a) for a in allowed)]
-    if outside:
-        raise ValueError(
-            f"{len(outside)} {split} image(s) resolve outside the dataset's allowed folders, "
-            f"e.g. {outside[0]}"
+def _check(
+    settings: Settings,
+    kind: type[Row],
+    id_: str,
+    check_of: Callable[[Row], DatasetCheck | ModelCheck],
+) -> None:
+    row = _deliver(settings, kind, id_)
+    if row is None:
+        return
+    if row.deliveries > settings.check_max_deliveries:
+        outcome = Outcome.failed(
+            f"delivered {row.deliveries} times without finishing: the worker running its "
+            f"check died or was stopped each time (TID_CHECK_MAX_DELIVERIES is "
+            f"{settings.check_max_deliveries})"
         )
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{len(missing)} {split} image(s) missing, e.g. {missing[0]}")
-    return ds
+    else:
+        outcome = resource_check.run(check_of(row), settings)
+    _decide(settings, kind, id_, outcome)
 
 
 def prepare_dataset(dataset_id: str, *, settings: Settings) -> None:
-    """Generate a builtin dataset, or check a registered/uploaded COCO folder; then count it.
+    """Generate a builtin dataset, or check a registered/uploaded COCO folder; then count it."""
 
-    A builtin dataset's `source` is the JobSpec form `{"builtin": "shapes", "num_train": ...}`.
-    """
-    row = _pending(settings, Dataset, dataset_id)
-    if row is None:
-        return
-    try:
-        root = Path(row.path)
-        if row.kind == "builtin":
-            generate_builtin(BuiltinDataset.model_validate(row.source), root)
+    def check_of(row: Dataset) -> DatasetCheck:
         # a registered folder may link into the other allowed roots; the others stay inside
-        allowed = [root.resolve()]
-        if row.kind == "path":
-            allowed += [r.resolve() for r in settings.dataset_roots]
-        train_split, val_split = row.splits()
-        train = _count_split(root, train_split, allowed=allowed)
-        val = _count_split(root, val_split, allowed=allowed)
-        if train.class_names != val.class_names:
-            raise ValueError(
-                f"train and val name different classes: {train.class_names} vs {val.class_names}"
-            )
-    except (OSError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
-        _decide(settings, Dataset, dataset_id, state="failed", error=str(exc))
-        return
-    _decide(
-        settings,
-        Dataset,
-        dataset_id,
-        state="ready",
-        error=None,
-        num_train=len(train),
-        num_val=len(val),
-        class_names=train.class_names,
-    )
+        roots = [str(r) for r in settings.dataset_roots] if row.kind == "path" else []
+        return DatasetCheck.model_validate(
+            {
+                "kind": row.kind,
+                "source": row.source,
+                "path": row.path,
+                "splits": row.splits(),
+                "roots": roots,
+            }
+        )
+
+    _check(settings, Dataset, dataset_id, check_of)
 
 
 def check_model(model_id: str, *, settings: Settings) -> None:
-    """Load uploaded weights safely and strictly: a detector into the one its metadata
-    declares (meta: arch, backbone, classes...), a file without tid metadata as the backbone it
-    holds (meta: just `backbone`, for a student's `weights_backbone`)."""
-    row = _pending(settings, Model, model_id)
-    if row is None:
-        return
-    from tid_core.models import describe_weights
-
-    try:
-        meta = describe_weights(Path(row.path))
-    except (OSError, ValueError) as exc:  # WeightsMismatchError is a ValueError
-        _decide(settings, Model, model_id, state="failed", error=str(exc))
-        return
-    _decide(settings, Model, model_id, state="ready", error=None, meta=meta)
+    """Load uploaded weights safely and strictly (`worker.resource_check.ModelCheck`)."""
+    _check(settings, Model, model_id, lambda row: ModelCheck(path=row.path))

@@ -6,6 +6,10 @@ trainer that stopped making progress and the job's run-time limit; the trainer's
 never outlives the call. A worker that loses its lease stops at once and records nothing more:
 the reconciler owns the job then. A watchdog thread kills the trainer when the lease runs out
 without a confirmed renewal, whatever the supervising thread is blocked on.
+
+A trainer that ends is an outcome worth keeping: the worker writes it (with the last events) as
+long as nobody claimed the job again, though the lease ran out while the database was away;
+and an attempt that finds its run dir already trained to the end records that at once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from sqlalchemy import desc, select
+from sqlalchemy.orm import Session
 
 from store.db import transitions
 from store.db.models import Job, JobEvent, utcnow
@@ -34,6 +39,7 @@ from store.queue import RUN_JOB, enqueue
 from store.settings import Settings
 from tid_core.launch import terminate_with_parent, torchrun_command
 from tid_core.spec import JobSpec
+from worker.finished_run import finished_run
 from worker.ingest import EVENTS_FILE, ingest_events
 from worker.process_tree import kill_tree
 from worker.resolve import resolve_spec
@@ -52,7 +58,8 @@ KILL_AT_ONCE = ("lease_lost", "stalled")
 
 
 def worker_name(settings: Settings) -> str:
-    """The lease owner's name: unique per worker process unless the settings name it."""
+    """The lease owner's name, for people (a claim's token tells claims apart): unique per
+    worker process unless the settings name it."""
     return settings.worker_name or f"{socket.gethostname()}-{os.getpid()}"
 
 
@@ -69,6 +76,7 @@ class _Run:
     job_id: str
     attempt: int
     worker: str
+    token: str  # the claim's: every write of this attempt names it
     run_dir: Path
     settings: Settings
     leased_at: (
@@ -104,6 +112,15 @@ class _RunTime:
         )
 
 
+@dataclass(frozen=True)
+class _Outcome:
+    """How an attempt ends: a final state, or back to the queue (`queued`)."""
+
+    state: str
+    message: str | None = None  # a failure's error, or why the job goes back to the queue
+    handback: bool = False  # back to the queue for a deploy: not counted against max_attempts
+
+
 class _Progress:
     """When the trainer last showed progress: `events.jsonl` grew (a step, an evaluation...)."""
 
@@ -136,27 +153,36 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     worker = worker_name(settings)
     leased_at = time.monotonic()
     with session_scope(settings.database_url) as session:
-        if not transitions.claim(
+        token = transitions.claim(
             session, job_id, worker=worker, lease_seconds=settings.lease_seconds
-        ):
+        )
+        if token is None:
             log.info("job %s: nothing to claim (taken by another delivery, or final)", job_id)
             return
         attempt = session.get_one(Job, job_id).attempt
-    run = _Run(job_id, attempt, worker, settings.jobs_dir / job_id, settings, leased_at)
+    run = _Run(job_id, attempt, worker, token, settings.jobs_dir / job_id, settings, leased_at)
+    if finished_run(run.run_dir) is not None:
+        log.warning(
+            "job %s: the run dir holds a run trained to its end whose outcome was never "
+            "recorded; recording it without training again",
+            job_id,
+        )
+        _record(run, _Outcome("succeeded"))
+        return
     try:
         with session_scope(settings.database_url) as session:
             spec = resolve_spec(session, session.get_one(Job, job_id), settings)
             used = transitions.running_seconds(session, job_id)
     except ValueError as exc:  # ResolveError and pydantic's ValidationError
-        _finish(run, "failed", f"cannot run this spec: {exc}")
+        _record(run, _Outcome("failed", f"cannot run this spec: {exc}"))
         return
     log.info("job %s: attempt %d on %s", job_id, run.attempt, worker)
     runtime = _RunTime.of(spec, settings, used)
     if shutdown.is_set():
-        requeue(job_id, settings=settings, worker=worker, reason=SHUTDOWN_REASON, handback=True)
+        _record(run, _Outcome("queued", SHUTDOWN_REASON, handback=True))
         return
     if runtime.left_seconds <= 0:
-        _finish(run, "failed", runtime.exceeded)
+        _record(run, _Outcome("failed", runtime.exceeded))
         return
     if time.monotonic() >= leased_at + settings.lease_seconds:  # the database was that slow
         log.warning("job %s: the lease ran out before the trainer started", job_id)
@@ -164,7 +190,7 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     try:
         proc = _start(run, spec)
     except OSError as exc:
-        _finish(run, "failed", f"cannot start the trainer: {exc}")
+        _record(run, _Outcome("failed", f"cannot start the trainer: {exc}"))
         return
     try:
         stop = _supervise(run, proc, shutdown, runtime)
@@ -206,13 +232,13 @@ def _sync(run: _Run, *, renew: bool) -> tuple[bool, bool]:
     Returns (lease still held, cancel requested). Events are ingested only under the lease.
     """
     with session_scope(run.settings.database_url) as session:
-        state, owner, cancel = session.execute(
-            select(Job.state, Job.lease_owner, Job.cancel_requested).where(Job.id == run.job_id)
+        state, token, cancel = session.execute(
+            select(Job.state, Job.claim_token, Job.cancel_requested).where(Job.id == run.job_id)
         ).one()
-        held = state == "running" and owner == run.worker
+        held = state == "running" and token == run.token
         if held and renew:
             held = transitions.renew_lease(
-                session, run.job_id, worker=run.worker, lease_seconds=run.settings.lease_seconds
+                session, run.job_id, token=run.token, lease_seconds=run.settings.lease_seconds
             )
         if not held:
             return False, False
@@ -331,73 +357,102 @@ def _retrying(run: _Run, what: str, call: Callable[[], T]) -> T:
 
 
 def _conclude(run: _Run, returncode: int, stop: str | None, runtime: _RunTime) -> None:
-    """Ingest the last events and record the outcome the exit code and our stop reason give."""
-    if stop == "lease_lost" or not _retrying(
-        run, "ingesting the last events", lambda: _sync(run, renew=True)[0]
-    ):
+    """Record the outcome the exit code and our stop reason give, unless the lease was lost
+    while the trainer ran (it was killed: the reconciler decides). A run that trained to its
+    end succeeded whatever stopped its trainer on the way out (the lease's end, with the
+    database away during a slow exit)."""
+    if finished_run(run.run_dir) is not None:
+        _record(run, _Outcome("succeeded"))
+    elif stop == "lease_lost":
         log.warning("job %s: not recording an outcome: the lease is gone", run.job_id)
-        return
+    else:
+        _record(run, lambda session: _outcome(session, run, returncode, stop, runtime))
+
+
+def _outcome(
+    session: Session, run: _Run, returncode: int, stop: str | None, runtime: _RunTime
+) -> _Outcome:
+    """A failed attempt is retried while attempts are left if the failure may not repeat;
+    else the job fails with the reason."""
     if returncode == 0:
-        _finish(run, "succeeded")
-    elif stop == "cancel":
-        _finish(run, "cancelled")
-    elif stop == "shutdown":
-        _requeue(run, SHUTDOWN_REASON, handback=True)
-    elif stop == "runtime":
-        _finish(run, "failed", runtime.exceeded)
-    elif stop == "stalled":  # a hang may well not repeat (a lost peer, a mount back)
-        _fail_or_retry(run, _stalled(run.settings), retryable=True)
+        return _Outcome("succeeded")
+    if stop == "cancel":
+        return _Outcome("cancelled")
+    if stop == "shutdown":
+        return _Outcome("queued", SHUTDOWN_REASON, handback=True)
+    if stop == "runtime":
+        return _Outcome("failed", runtime.exceeded)
+    if stop == "stalled":  # a hang may well not repeat (a lost peer, a mount back)
+        reason, retryable = _stalled(run.settings), True
     else:
-        reason, retryable = _retrying(run, "reading the error", lambda: _failure(run, returncode))
-        _fail_or_retry(run, reason, retryable=retryable)
-
-
-def _finish(run: _Run, state: str, error: str | None = None) -> None:
-    def write() -> bool:
-        with session_scope(run.settings.database_url) as session:
-            return transitions.finish(
-                session, run.job_id, worker=run.worker, state=state, error=error
-            )
-
-    if _retrying(run, f"recording {state}", write):
-        log.info("job %s: %s%s", run.job_id, state, f" ({error})" if error else "")
-    else:
-        log.warning("job %s: could not record %s: no longer ours", run.job_id, state)
-
-
-def _fail_or_retry(run: _Run, reason: str, *, retryable: bool) -> None:
-    """A failed attempt: retried while attempts are left if the failure may not repeat, else
-    the job fails with `reason`."""
-
-    def attempts() -> tuple[int, int, int]:
-        with session_scope(run.settings.database_url) as session:
-            job = session.get_one(Job, run.job_id)
-            return transitions.attempts_left(job), job.attempt - job.handbacks, job.max_attempts
-
-    left, used, most = _retrying(run, "reading the attempts", attempts)
+        reason, retryable = _failure(session, run, returncode)
     if not retryable:
-        _finish(run, "failed", reason)
-    elif left > 0:
-        _requeue(run, f"retrying ({left} attempt(s) left) after: {reason}")
-    else:
-        _finish(run, "failed", f"{reason}\n(attempt {used} of {most}: none left)")
+        return _Outcome("failed", reason)
+    job = session.get_one(Job, run.job_id)
+    left = transitions.attempts_left(job)
+    if left > 0:
+        return _Outcome("queued", f"retrying ({left} attempt(s) left) after: {reason}")
+    used = job.attempt - job.handbacks
+    return _Outcome("failed", f"{reason}\n(attempt {used} of {job.max_attempts}: none left)")
 
 
-def _failure(run: _Run, returncode: int) -> tuple[str, bool]:
+def _record(run: _Run, outcome: _Outcome | Callable[[Session], _Outcome]) -> None:
+    """Ingest the trainer's last events and write the attempt's outcome (or the one `outcome`
+    reads from those events) in one transaction, retried while the database is away.
+
+    It applies while the job is still this claim's: running, or sent back to the queue by the
+    reconciler when the lease ran out (the database was away longer) and claimed by nobody
+    since. A job put back in the queue is sent again.
+    """
+
+    def write() -> tuple[_Outcome, bool] | None:
+        """The outcome, and whether this write put the job back in the queue; None if the job
+        is no longer this claim's."""
+        with session_scope(run.settings.database_url) as session:
+            state = transitions.claimed_by(session, run.job_id, run.token)
+            if state is None:
+                return None
+            ingest_events(session, run.job_id, run_dir=run.run_dir, attempt=run.attempt)
+            session.flush()
+            decided = outcome(session) if callable(outcome) else outcome
+            if decided.state != "queued":
+                done = transitions.finish(
+                    session, run.job_id, token=run.token, state=decided.state, error=decided.message
+                )
+                return (decided, False) if done else None
+            if state == "queued":  # the reconciler put it back already, and sent it
+                return decided, False
+            reason, handback = decided.message or "", decided.handback
+            done = transitions.requeue(
+                session, run.job_id, token=run.token, reason=reason, handback=handback
+            )
+            return (decided, True) if done else None
+
+    recorded = _retrying(run, "recording the outcome", write)
+    if recorded is None:
+        log.warning("job %s: not recording an outcome: claimed again since, or final", run.job_id)
+        return
+    decided, requeued = recorded
+    message = f" ({decided.message})" if decided.message else ""
+    log.info("job %s: %s%s", run.job_id, decided.state, message)
+    if requeued:
+        enqueue(run.settings, RUN_JOB, run.job_id)
+
+
+def _failure(session: Session, run: _Run, returncode: int) -> tuple[str, bool]:
     """Why the trainer failed and whether another attempt may succeed: its `error` event of
     this attempt says both; without one it died from outside (a signal, the OOM killer, a
     busy run dir), which is worth another attempt."""
-    with session_scope(run.settings.database_url) as session:
-        data = session.scalar(
-            select(JobEvent.data)
-            .where(
-                JobEvent.job_id == run.job_id,
-                JobEvent.attempt == run.attempt,
-                JobEvent.type == "error",
-            )
-            .order_by(desc(JobEvent.id))
-            .limit(1)
+    data = session.scalar(
+        select(JobEvent.data)
+        .where(
+            JobEvent.job_id == run.job_id,
+            JobEvent.attempt == run.attempt,
+            JobEvent.type == "error",
         )
+        .order_by(desc(JobEvent.id))
+        .limit(1)
+    )
     if data and data.get("message"):
         return f"{data.get('kind', 'Error')}: {data['message']}", bool(data.get("retryable"))
     tail = _log_tail(run.run_dir / "train.log")
@@ -412,27 +467,3 @@ def _log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
     except OSError as exc:
         return f"(no train.log: {exc})"
     return "\n".join(text.splitlines()[-lines:])
-
-
-def _requeue(run: _Run, reason: str, *, handback: bool = False) -> bool:
-    return _retrying(
-        run,
-        "putting the job back in the queue",
-        lambda: requeue(
-            run.job_id, settings=run.settings, worker=run.worker, reason=reason, handback=handback
-        ),
-    )
-
-
-def requeue(
-    job_id: str, *, settings: Settings, worker: str, reason: str, handback: bool = False
-) -> bool:
-    """Put a running job of this worker (its trainer has stopped) back in the queue and send
-    it again, so that a worker resumes it from its last checkpoint. False if no longer ours.
-    A lost message is re-sent by the reconciler, as the job stays queued."""
-    with session_scope(settings.database_url) as session:
-        done = transitions.requeue(session, job_id, worker=worker, reason=reason, handback=handback)
-    if done:
-        log.info("job %s: back in the queue (%s)", job_id, reason)
-        enqueue(settings, RUN_JOB, job_id)
-    return done

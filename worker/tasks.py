@@ -3,6 +3,11 @@
 Each task re-reads its row and acts only if the row still asks for it, so a duplicate delivery
 is a no-op. Only transient database errors are retried (with backoff); anything else is a bug
 or a decided failure already written to the database.
+
+A message whose task kills its worker comes back (`task_reject_on_worker_lost`), so each kind
+of row bounds how often it is acted on: a job by its attempts (each claim is one, and the
+reconciler fails it past `max_attempts`), a dataset or model check by its deliveries, counted
+in the row (`worker.resources`: past `TID_CHECK_MAX_DELIVERIES` it fails).
 """
 
 from __future__ import annotations

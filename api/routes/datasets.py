@@ -5,12 +5,14 @@ folder. Each starts `pending`; a worker checks and counts it (PREPARE_DATASET) b
 
 from __future__ import annotations
 
+import shutil
 from typing import Annotated
 
 from fastapi import APIRouter, Form, Response, UploadFile
 
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
 from api.problems import responses
+from api.quota import check_builtin, check_held, check_stored_bytes
 from api.schemas import BuiltinDatasetCreate, DatasetCreate, DatasetPublic, DatasetsPublic
 from api.storage import extract_dataset_zip, resolve_under_roots
 from store.db.models import Dataset, new_id
@@ -25,7 +27,7 @@ def _created(response: Response, dataset: Dataset) -> DatasetPublic:
     return DatasetPublic.model_validate(dataset)
 
 
-@router.post("", status_code=202, responses=responses(400, 413))
+@router.post("", status_code=202, responses=responses(400, 413, 429))
 def create_dataset(
     *,
     session: SessionDep,
@@ -36,8 +38,10 @@ def create_dataset(
 ) -> DatasetPublic:
     """`{"name", "builtin": "shapes" | "scenes", ...}` generates it; `{"name", "path"}`
     registers a folder under one of the allowed roots."""
+    check_held(session, settings, Dataset, owner=owner)
     dataset_id = new_id()
     if isinstance(body, BuiltinDatasetCreate):
+        check_builtin(settings, body, loc=("body", "num_train"))
         kind, path = "builtin", settings.datasets_dir / dataset_id
         source = body.model_dump(mode="json", exclude={"name"})
     else:
@@ -50,7 +54,7 @@ def create_dataset(
     return _created(response, dataset)
 
 
-@router.post("/upload", status_code=202, responses=responses(400, 413))
+@router.post("/upload", status_code=202, responses=responses(400, 413, 429))
 def upload_dataset(
     *,
     session: SessionDep,
@@ -64,13 +68,19 @@ def upload_dataset(
 ) -> DatasetPublic:
     """A .zip of a COCO folder (`annotations/instances_<split>.json` and the images under
     `<split>/` for both splits), unpacked into the service's datasets folder after its entries
-    are checked."""
+    are checked. What it unpacks to counts against the owner's storage quota."""
+    check_held(session, settings, Dataset, owner=owner)
     dataset_id = new_id()
     path = settings.datasets_dir / dataset_id
     splits = {"train_split": train_split, "val_split": val_split}
-    extract_dataset_zip(
+    size = extract_dataset_zip(
         file.file, path, max_bytes=settings.max_upload_bytes, splits=list(splits.values())
     )
+    try:  # the unpacked size is known only now: exact, at the cost of unpacking it once
+        check_stored_bytes(session, settings, owner=owner, adding=size)
+    except Exception:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     dataset = Dataset(
         id=dataset_id,
         owner=owner,
@@ -78,6 +88,7 @@ def upload_dataset(
         kind="upload",
         source={"filename": file.filename, **splits},
         path=str(path),
+        bytes=size,
     )
     commit_and_enqueue(session, settings, dataset, PREPARE_DATASET)
     return _created(response, dataset)

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from api import evaluations
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned
 from api.problems import Conflict, NotFound, Unprocessable, responses
-from api.quota import check_active_jobs, check_runtime
+from api.quota import check_active_jobs, check_job_caps
 from api.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -33,6 +33,7 @@ from api.schemas import (
 )
 from api.spec_references import checked_spec
 from api.storage import check_range, etag_matches, tail_lines
+from api.stream_leases import leased, open_stream
 from store.db.models import (
     FINAL_STATES,
     JOB_STATES,
@@ -164,7 +165,7 @@ def submit_job(
     if idempotency_key:
         job = _replayed(session, owner=owner, key=idempotency_key, request_hash=request_hash)
     if job is None:
-        check_runtime(settings, spec)
+        check_job_caps(session, settings, spec, owner=owner)
         check_active_jobs(session, settings, owner=owner)
         job = _create_job(
             session, settings, spec, owner=owner, key=idempotency_key, request_hash=request_hash
@@ -316,7 +317,7 @@ async def _event_stream(database_url: str, job_id: str, after: int) -> AsyncIter
 @router.get(
     "/{job_id}/events",
     response_class=StreamingResponse,
-    responses={200: {"content": {"text/event-stream": {}}}, **responses(404)},
+    responses={200: {"content": {"text/event-stream": {}}}, **responses(404, 429)},
 )
 def stream_job_events(
     *,
@@ -329,11 +330,13 @@ def stream_job_events(
         int | None, Header(alias="Last-Event-ID", ge=0, le=MAX_ROW_ID)
     ] = None,
 ) -> StreamingResponse:
-    """Server-Sent Events of the job's event rows; resumes after `Last-Event-ID`."""
+    """Server-Sent Events of the job's event rows; resumes after `Last-Event-ID`. Each open
+    stream counts against the owner's TID_MAX_EVENT_STREAMS_PER_OWNER (429 above it)."""
     job = get_owned(session, Job, job_id, owner=owner)
     after = last_event_id_header if last_event_id_header is not None else last_event_id or 0
+    lease = open_stream(settings, owner=owner)
     return StreamingResponse(
-        _event_stream(settings.database_url, job.id, after),
+        leased(lease, _event_stream(settings.database_url, job.id, after)),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Form, Response, UploadFile
 
 from api.deps import CurrentOwner, IdPath, SessionDep, SettingsDep, get_owned, list_owned
 from api.problems import Unprocessable, responses
+from api.quota import check_held, check_stored_bytes
 from api.schemas import ModelPublic, ModelsPublic
 from api.storage import save_upload
 from store.db.models import Model, new_id
@@ -24,7 +25,7 @@ router = APIRouter(prefix="/v1/models", tags=["models"], responses=responses(401
 WEIGHT_SUFFIXES = (".pt", ".pth", ".safetensors")  # .pth: how torchvision names its files
 
 
-@router.post("", status_code=202, responses=responses(400, 413))
+@router.post("", status_code=202, responses=responses(400, 413, 429))
 def upload_model(
     *,
     session: SessionDep,
@@ -34,13 +35,17 @@ def upload_model(
     file: UploadFile,
     response: Response,
 ) -> ModelPublic:
-    """Store the file as `<models_dir>/<id>/weights.<ext>` with its sha256."""
+    """Store the file as `<models_dir>/<id>/weights.<ext>` with its sha256; its bytes count
+    against the owner's storage quota."""
     suffix = Path(file.filename or "").suffix.lower()
     if suffix not in WEIGHT_SUFFIXES:
         raise Unprocessable(
             f"weights must be a {' or '.join(WEIGHT_SUFFIXES)} file, got {file.filename!r}",
             loc=("body", "file"),
         )
+    check_held(session, settings, Model, owner=owner)
+    # the multipart parser counted what it spooled: the size of the file to be stored
+    check_stored_bytes(session, settings, owner=owner, adding=file.size or 0)
     model_id = new_id()
     path = settings.models_dir / model_id / f"weights{suffix}"
     sha256, size = save_upload(file.file, path, max_bytes=settings.max_upload_bytes)

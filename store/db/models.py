@@ -94,15 +94,20 @@ class Job(Base):
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
-    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)
-    lease_expires: Mapped[datetime | None] = mapped_column(default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(128), default=None)  # for people
+    # new with each claim, kept until the next: what a lease holder's writes must name
+    claim_token: Mapped[str | None] = mapped_column(String(32), default=None)
+    lease_expires: Mapped[datetime | None] = mapped_column(default=None)  # the database's clock
     events_offset: Mapped[int] = mapped_column(
         BigInteger, default=0
     )  # bytes of events.jsonl ingested
     step: Mapped[int] = mapped_column(Integer, default=0)
     total_steps: Mapped[int | None] = mapped_column(Integer, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    queued_at: Mapped[datetime] = mapped_column(default=utcnow)  # last (re)queue or (re)send
+    queued_at: Mapped[datetime] = mapped_column(default=utcnow)  # last (re)queue
+    # its message (store/db/sends.py): when a send was last accepted by the broker, and how many
+    last_sent_at: Mapped[datetime | None] = mapped_column(default=None)
+    send_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -207,6 +212,10 @@ class Dataset(Base):
     path: Mapped[str] = mapped_column(String(4096))  # absolute folder on the shared volume
     state: Mapped[str] = mapped_column(String(16), default="pending")
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    # deliveries of its check's message (worker.resources): past TID_CHECK_MAX_DELIVERIES it fails
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    last_sent_at: Mapped[datetime | None] = mapped_column(default=None)  # its check's, as jobs'
+    send_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     num_train: Mapped[int | None] = mapped_column(Integer, default=None)
     num_val: Mapped[int | None] = mapped_column(Integer, default=None)
     class_names: Mapped[list[Any] | None] = mapped_column(JSON, default=None)
@@ -234,6 +243,9 @@ class Model(Base):
     bytes: Mapped[int] = mapped_column(BigInteger)
     state: Mapped[str] = mapped_column(String(16), default="pending")
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # as datasets'
+    last_sent_at: Mapped[datetime | None] = mapped_column(default=None)  # its check's, as jobs'
+    send_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     meta: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)  # arch, backbone...
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 

@@ -3,18 +3,32 @@
 `queued -> running -> succeeded | failed | cancelled`, and `running -> queued` when a lease is
 lost. Nothing leaves a final state. Callers commit; a transition that did not apply changed
 nothing, so a duplicate message or a racing worker is a no-op.
+
+Each claim gets a token of its own: a lease holder's writes name it, so they never apply to a
+later claim of the job, whoever made it, while its outcome still lands on a job that the
+reconciler re-queued meanwhile (`queued -> succeeded`...). Lease times come from the database's
+clock only, so hosts whose clocks disagree still agree on when a lease ends.
 """
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, case, select, update
+from sqlalchemy import CursorResult, and_, case, func, select, update
 from sqlalchemy.orm import Session
 
-from store.db.models import FINAL_STATES, Job, JobEvent, utcnow
+from store.db.models import FINAL_STATES, Job, JobEvent, new_id, utcnow
+
+
+def db_now(session: Session) -> datetime:
+    """The database's clock (its transaction's start on PostgreSQL): the one clock that lease
+    times are set and judged by. SQLite is a file on this host, so its clock is this host's."""
+    if session.get_bind().dialect.name == "sqlite":
+        return utcnow()
+    now: datetime = session.execute(select(func.now())).scalar_one()
+    return now.astimezone(UTC)
 
 
 def transition(
@@ -30,7 +44,8 @@ def transition(
     """Move `job_id` from one of `from_` to `to` (setting `values`) if it is still there.
 
     Records a `state` event when it applies, with the `error` or `reason` (why a job went back
-    to the queue). `where` adds a condition (e.g. the lease owner).
+    to the queue), at the database's time (the run-time limit adds up these events' times).
+    `where` adds a condition (e.g. the claim token).
     """
     sources = (from_,) if isinstance(from_, str) else from_
     if any(s in FINAL_STATES for s in sources):
@@ -47,58 +62,80 @@ def transition(
             data["error"] = values["error"]
         if reason:
             data["reason"] = reason
-        session.add(JobEvent(job_id=job_id, attempt=attempt, type="state", data=data))
+        at = db_now(session)
+        session.add(
+            JobEvent(job_id=job_id, attempt=attempt, type="state", data=data, created_at=at)
+        )
     return applied
 
 
-def claim(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> bool:
-    """queued -> running for this worker, with a fresh lease and the next attempt number."""
-    now = utcnow()
-    return transition(
+def claim(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> str | None:
+    """queued -> running for `worker`, with a fresh lease and the next attempt number.
+
+    Returns the new claim's token (None: nothing to claim), which the holder's writes name.
+    """
+    now = db_now(session)
+    token = new_id()
+    claimed = transition(
         session,
         job_id,
         from_="queued",
         to="running",
         attempt=Job.attempt + 1,
         lease_owner=worker,
+        claim_token=token,
         lease_expires=now + timedelta(seconds=lease_seconds),
         started_at=now,
     )
+    return token if claimed else None
 
 
-def renew_lease(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> bool:
-    """Extend the lease if this worker still holds the running job; False means: stop now."""
+def renew_lease(session: Session, job_id: str, *, token: str, lease_seconds: int) -> bool:
+    """Extend the lease if this claim still holds the running job; False means: stop now."""
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == "running", Job.lease_owner == worker)
-        .values(lease_expires=utcnow() + timedelta(seconds=lease_seconds))
+        .where(Job.id == job_id, Job.state == "running", Job.claim_token == token)
+        .values(lease_expires=db_now(session) + timedelta(seconds=lease_seconds))
     )
     return isinstance(result, CursorResult) and result.rowcount == 1
 
 
+def claimed_by(session: Session, job_id: str, token: str) -> str | None:
+    """The job's state if its last claim is `token` and it may still take that claim's outcome:
+    `running`, or `queued` when the reconciler sent it back after the lease ran out (the worker
+    was cut off from the database) and nobody claimed it since. None otherwise."""
+    return session.scalar(
+        select(Job.state).where(
+            Job.id == job_id, Job.claim_token == token, Job.state.in_(("running", "queued"))
+        )
+    )
+
+
 def finish(
-    session: Session, job_id: str, *, worker: str, state: str, error: str | None = None
+    session: Session, job_id: str, *, token: str, state: str, error: str | None = None
 ) -> bool:
-    """running -> a final state, only for the worker that holds the lease."""
+    """running -> a final state for the claim `token`; also from queued while nobody claimed
+    the job again since its lease ran out, so that an attempt that finished while the database
+    was away still records its outcome."""
     if state not in FINAL_STATES:
         raise ValueError(f"finish needs a final state {FINAL_STATES}, got {state!r}")
     return transition(
         session,
         job_id,
-        from_="running",
+        from_=("running", "queued"),
         to=state,
-        where=Job.lease_owner == worker,
+        where=Job.claim_token == token,
         error=error,
-        finished_at=utcnow(),
+        finished_at=db_now(session),
         lease_owner=None,
         lease_expires=None,
     )
 
 
 def requeue(
-    session: Session, job_id: str, *, worker: str, reason: str, handback: bool = False
+    session: Session, job_id: str, *, token: str, reason: str, handback: bool = False
 ) -> bool:
-    """running -> queued for the lease holder: a deploy hand-back (`handback`, not counted
+    """running -> queued for the claim `token`: a deploy hand-back (`handback`, not counted
     against max_attempts) or a retry after a retryable failure."""
     extra = {"handbacks": Job.handbacks + 1} if handback else {}
     return transition(
@@ -106,11 +143,11 @@ def requeue(
         job_id,
         from_="running",
         to="queued",
-        where=Job.lease_owner == worker,
+        where=Job.claim_token == token,
         reason=reason,
         lease_owner=None,
         lease_expires=None,
-        queued_at=utcnow(),
+        queued_at=db_now(session),
         **extra,
     )
 
@@ -163,14 +200,24 @@ def request_cancel(session: Session, job_id: str) -> bool:
     return True
 
 
-def expired_leases(session: Session, *, now: datetime) -> list[Job]:
+def expired_leases(session: Session) -> list[Job]:
+    """Running jobs whose lease ran out by the database's clock."""
+    now = db_now(session)
     return list(session.scalars(select(Job).where(Job.state == "running", Job.lease_expires < now)))
 
 
-def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
-    """Reconciler: a running job whose lease expired is re-queued, or failed when out of
-    attempts (or cancelled if a cancel was pending). Returns the new state, or None."""
-    lost = and_(Job.lease_expires < now, Job.lease_owner == job.lease_owner)
+def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> str | None:
+    """Reconciler: a running job whose lease expired is re-queued, or cancelled if a cancel was
+    pending, or failed when out of attempts. Returns the new state, or None.
+
+    A failure waits until `fail_after_seconds` after the lease ran out: until then the worker
+    may still record its attempt's outcome (a run that finished while the database was away),
+    and a final state set here would take that outcome's place for good. A re-queued job can
+    still take it, as long as nobody claimed it again.
+    """
+    now = db_now(session)
+    # still the claim that was seen expired (a NULL token: claimed before claims had tokens)
+    lost = and_(Job.lease_expires < now, Job.claim_token.is_not_distinct_from(job.claim_token))
     if job.cancel_requested:
         done = transition(
             session, job.id, from_="running", to="cancelled", where=lost, finished_at=now
@@ -179,8 +226,15 @@ def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
     lost_how = f"worker {job.lease_owner} lost (lease expired)"
     if attempts_left(job) <= 0:
         error = f"{lost_how} on attempt {job.attempt - job.handbacks} of {job.max_attempts}"
+        given_up = and_(lost, Job.lease_expires < now - timedelta(seconds=fail_after_seconds))
         done = transition(
-            session, job.id, from_="running", to="failed", where=lost, error=error, finished_at=now
+            session,
+            job.id,
+            from_="running",
+            to="failed",
+            where=given_up,
+            error=error,
+            finished_at=now,
         )
         return "failed" if done else None
     done = transition(
@@ -195,13 +249,3 @@ def requeue_lost(session: Session, job: Job, *, now: datetime) -> str | None:
         queued_at=now,
     )
     return "queued" if done else None
-
-
-def stale_queued(session: Session, *, older_than: datetime) -> list[str]:
-    """Queued jobs nobody picked up since `older_than` (a lost message): to be sent again."""
-    ids = list(
-        session.scalars(select(Job.id).where(Job.state == "queued", Job.queued_at < older_than))
-    )
-    if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(queued_at=utcnow()))
-    return ids

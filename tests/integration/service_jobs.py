@@ -126,7 +126,7 @@ def assert_nothing_lost(settings: Settings, job_id: str, *, steps: int | None = 
     """Every trainer event became rows, once: all of events.jsonl is ingested, each logged
     (step, name) has exactly one metric row, with the value logged last, each logged step its
     loss (`steps`: all of 1..steps), each checkpoint and evaluation its row, the newest
-    checkpoint and every artifact match their sha256."""
+    checkpoint and every artifact match their sha256, no temporary file is left."""
     run_dir = settings.jobs_dir / job_id
     events = read_events(run_dir / "events.jsonl")
     with session_scope(settings.database_url) as session:
@@ -161,4 +161,5 @@ def assert_nothing_lost(settings: Settings, job_id: str, *, steps: int | None = 
         assert evaluations == sum(e["type"] == "eval" for e in events)
         for artifact in session.scalars(select(Artifact).where(Artifact.job_id == job_id)):
             assert sha256(run_dir / artifact.path) == artifact.sha256
-    assert not list((run_dir / "checkpoints").glob(".*.tmp.*"))  # no torn checkpoint left
+    for folder in (run_dir / "checkpoints", run_dir):  # no torn checkpoint or export left
+        assert not list(folder.glob(".*.tmp.*"))

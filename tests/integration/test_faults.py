@@ -11,10 +11,13 @@ import os
 import resource
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -311,7 +314,7 @@ def test_database_restarted_while_a_job_runs_and_as_it_finishes_the_job_finishes
 
     job = f.wait(job_id)
     assert (job.state, job.attempt) == ("succeeded", 1), job.error
-    assert "database unavailable ingesting the last events; retrying" in f.stack.log("worker")
+    assert "database unavailable recording the outcome; retrying" in f.stack.log("worker")
     assert_nothing_lost(f.settings, job_id, steps=3 * STEPS_PER_EPOCH)
     f.assert_one_attempt_at_a_time_and_none_left(job_id)
 
@@ -692,4 +695,142 @@ def test_job_past_its_run_time_limit_fails_naming_the_limit(
     events = read_events(f.run_dir(job_id) / "events.jsonl")
     assert events[-1]["type"] == "interrupted" and events[-1]["step"] > 0  # checkpointed
     assert_nothing_lost(f.settings, job_id)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 17 -----------------------------------------------------------------------------------------
+def wait_trainer_gone(f: Faults, job_id: str) -> None:
+    deadline = time.monotonic() + 60
+    while trainer_processes(f.run_dir(job_id)):
+        assert time.monotonic() < deadline, "the trainer never exited"
+        time.sleep(0.1)
+
+
+def test_database_away_longer_than_the_lease_as_the_trainer_ends_keeps_the_outcome(
+    faults: Callable[..., Faults],
+) -> None:
+    """PostgreSQL stops as the trainer evaluates, exports and exits, and stays away for longer
+    than the lease. The reconciler sends the job back to the queue once the database is back
+    (the worker's way to it, through a relay, stays cut until then: otherwise which of the two
+    writes first is a race); nobody claimed the job since, so the worker's retried write still
+    records the attempt's outcome, and the run is not trained again."""
+    lease = 15  # above the evaluation and export, which the trainer does on its lease
+    timeouts = {"TID_DB_STATEMENT_TIMEOUT_SECONDS": "6", "TID_DB_CONNECT_TIMEOUT_SECONDS": "3"}
+    f = faults(TID_LEASE_SECONDS=str(lease), **timeouts)
+    dataset_id = dataset(f)
+    with stalling_relay(f.pg.port) as relay:
+        f.stack.start("worker", "worker", TID_DATABASE_URL=relay.url(f.pg.url))
+        job_id = f.submit(long_spec(dataset_id, epochs=1))
+        f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "eval")
+        pid = rank0_trainer(f.run_dir(job_id))
+        os.kill(pid, signal.SIGSTOP)  # hold it until the database is down
+        f.pg.stop()
+        stopped_at = time.monotonic()
+        relay.stall()
+        os.kill(pid, signal.SIGCONT)
+        f.wait_events(job_id, lambda e: e["type"] == "end")
+        wait_trainer_gone(f, job_id)
+        time.sleep(max(0.0, stopped_at + lease + 2 - time.monotonic()))  # the lease ran out
+        f.pg.start()
+        f.wait(job_id, lambda j: j.state == "queued", timeout=60)  # the reconciler's pass
+        relay.resume()
+        job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    states = [d for _, d in state_events(f.settings, job_id)]
+    assert [d["state"] for d in states] == ["running", "queued", "succeeded"]
+    assert "lost (lease expired)" in states[1]["reason"]
+    assert "database unavailable recording the outcome; retrying" in f.stack.log("worker")
+    assert len(resumed_starts(f, job_id)) == 1  # trained once
+    assert_nothing_lost(f.settings, job_id, steps=STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 18 -----------------------------------------------------------------------------------------
+def test_worker_lost_between_the_trainers_end_and_its_outcome_the_next_attempt_records_it(
+    faults: Callable[..., Faults],
+) -> None:
+    """The worker is frozen while its trainer evaluates, exports and exits, then killed: the
+    outcome was never written. The reconciler re-queues the job when the lease runs out; the
+    next attempt finds the run's whole `end` event in the run dir and records the run as it
+    is, without starting a trainer."""
+    f = faults()
+    worker = f.stack.start_worker("worker-a")
+    job_id = f.submit(long_spec(dataset(f), epochs=1))
+    f.wait_events(job_id, lambda e: e["type"] == "phase" and e["phase"] == "eval")
+    os.killpg(worker.pid, signal.SIGSTOP)  # it neither renews its lease nor writes
+    f.wait_events(job_id, lambda e: e["type"] == "end")  # the trainer has a session of its own
+    wait_trainer_gone(f, job_id)
+    f.stack.stop("worker-a", sig=signal.SIGKILL)
+    f.wait(job_id, lambda j: j.state == "queued")  # the reconciler, once the lease ran out
+
+    f.stack.start_worker("worker-b")
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("succeeded", 2), job.error
+    assert [d["state"] for _, d in state_events(f.settings, job_id)] == [
+        "running",
+        "queued",
+        "running",
+        "succeeded",
+    ]
+    assert "recording it without training again" in f.stack.log("worker-b")
+    assert "--- attempt 2" not in (f.run_dir(job_id) / "train.log").read_text()
+    assert len(resumed_starts(f, job_id)) == 1  # trained once
+    assert_nothing_lost(f.settings, job_id, steps=STEPS_PER_EPOCH)
+    f.assert_one_attempt_at_a_time_and_none_left(job_id)
+
+
+# 19 -----------------------------------------------------------------------------------------
+SKEWED_CLOCK = Path(__file__).with_name("skewed_clock")  # its sitecustomize.py
+
+
+def skewed_clock(seconds: int) -> dict[str, str]:
+    """The environment of a process whose wall clock is `seconds` off (`time.time()` and
+    `datetime.now()`; skewed_clock/sitecustomize.py says how, and why not libfaketime)."""
+    path = [str(SKEWED_CLOCK), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path), "TEST_CLOCK_SKEW_SECONDS": str(seconds)}
+
+
+def clock_of(env: dict[str, str]) -> datetime:
+    """What `datetime.now()` says in a process with `env`."""
+    code = "import datetime; print(datetime.datetime.now(datetime.UTC).isoformat())"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    return datetime.fromisoformat(out.stdout.strip())
+
+
+def test_worker_and_reconciler_whose_clocks_are_a_minute_off_cause_no_requeue(
+    faults: Callable[..., Faults],
+) -> None:
+    """The worker's clock is 60 s behind, a second reconciler's 60 s ahead: leases are set and
+    judged by the database's clock only, so neither makes a live lease look expired (by their
+    own clocks, the worker's 5 s lease ended 55 s before it was taken)."""
+    behind, ahead = skewed_clock(-60), skewed_clock(+60)
+    for env, seconds in ((behind, -60), (ahead, 60)):
+        off = (clock_of(env) - datetime.now(UTC)).total_seconds()
+        assert abs(off - seconds) < 5, f"the clock is {off:.1f} s off, not {seconds} s"
+    f = faults()
+    f.stack.start("worker", "worker", **behind)
+    f.stack.start("reconciler-ahead", "reconcile", "--loop", **ahead)
+    job_id = f.submit(long_spec(dataset(f), epochs=1))  # start-up and 16 steps: many leases
+
+    job = f.wait(job_id)
+
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    assert [d["state"] for _, d in state_events(f.settings, job_id)] == ["running", "succeeded"]
+    # the worker's clock really was off: it stamped the trainer's start in train.log a minute
+    # before the database's time of the claim
+    header = (f.run_dir(job_id) / "train.log").read_text().split("\n", 1)[0]
+    stamped = datetime.strptime(header.rsplit(" at ", 1)[1], "%Y-%m-%dT%H:%M:%SZ")
+    assert job.started_at
+    behind_by = (job.started_at - stamped.replace(tzinfo=UTC)).total_seconds()
+    assert 55 < behind_by < 65, header
+    assert_nothing_lost(f.settings, job_id, steps=STEPS_PER_EPOCH)
     f.assert_one_attempt_at_a_time_and_none_left(job_id)

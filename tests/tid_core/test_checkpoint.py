@@ -109,5 +109,7 @@ def test_remove_partial_writes_deletes_a_killed_writers_temporary_files(tmp_path
     checkpoints = CheckpointDir(tmp_path, "spec")
     checkpoints.save(make_state(0), epoch_end=True)
     (checkpoints.folder / ".last.pt.tmp.123").write_bytes(b"torn")
+    (tmp_path / ".student.pt.tmp.123").write_bytes(b"torn")  # an export's
     checkpoints.remove_partial_writes()
     assert sorted(p.name for p in checkpoints.folder.iterdir()) == ["epoch_0000.pt", "last.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import pickle
 from pathlib import Path
@@ -12,6 +13,8 @@ from safetensors.torch import save_file
 from torchvision.models import mobilenet_v3_large, resnet18, resnet34
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 
+import tid_core.checkpoint
+import tid_core.models
 from tid_core.distill.capture import Detector
 from tid_core.models import (
     ARCHS,
@@ -20,6 +23,7 @@ from tid_core.models import (
     WeightsMismatchError,
     build_detector,
     describe_weights,
+    export_student,
     load_backbone,
     load_checked,
     load_student,
@@ -131,7 +135,7 @@ def test_save_read_load_student_round_trip(tmp_path: Path, suffix: str) -> None:
     path = tmp_path / f"student{suffix}"
     save_weights(model, meta, path)
     assert path.is_file()
-    assert not (tmp_path / f"student{suffix}.tmp").exists()
+    assert not list(tmp_path.glob(".*.tmp.*"))
 
     state, read_meta = read_weights(path)
     assert_same_state(state, model.state_dict())
@@ -144,6 +148,34 @@ def test_save_read_load_student_round_trip(tmp_path: Path, suffix: str) -> None:
     assert loaded_meta.class_names == ["circle", "square", "triangle"]
     assert loaded_meta.cat_ids == [1, 2, 7]
     assert loaded_meta == meta
+
+
+def test_the_export_is_written_durably_by_the_checkpoints_helper(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each exported file is fsynced under its temporary name, renamed, and its folder fsynced,
+    by the one helper checkpoints use, before the `end` event names it: a crash after that
+    event finds every file it names, whole."""
+    assert tid_core.models.write_atomic is tid_core.checkpoint.write_atomic  # no copy
+    synced: list[tuple[str, list[str]]] = []  # (what was fsynced, the folder's files then)
+    fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), sorted(os.listdir(tmp_path))))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    artifacts = export_student(small_detector(), small_meta(), tmp_path)
+
+    pid, folder = os.getpid(), str(tmp_path)
+    pt, st = "student.pt", "student.safetensors"
+    assert synced == [
+        (f"{folder}/.{pt}.tmp.{pid}", [f".{pt}.tmp.{pid}"]),
+        (folder, [pt]),
+        (f"{folder}/.{st}.tmp.{pid}", [f".{st}.tmp.{pid}", pt]),
+        (folder, [pt, st]),
+    ]
+    assert sorted(artifacts) == [pt, st]
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".safetensors"])

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from databases import POSTGRES, postgres_database
 from sqlalchemy import func, select
 from worker_support import MakeJob, read_job
 
+from api.evaluations import metric_points
+from store.db.migrate import upgrade
 from store.db.models import Artifact, Checkpoint, Evaluation, JobEvent, Metric
 from store.db.session import session_scope
 from store.settings import Settings
@@ -65,15 +69,52 @@ EVENTS: list[dict[str, Any]] = [
 ]  # fmt: skip
 
 
+def step_event(step: int, loss: float) -> dict[str, Any]:
+    return {"type": "step", "step": step, "epoch": 0, "total_steps": 4, "lr": 0.1,
+            "losses": {"loss": loss}, "stats": {}}  # fmt: skip
+
+
+RESUMED_AT_2 = {**START, "step": 2, "resumed": True, "epoch": 1}
+
+
+@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
+def settings(request: pytest.FixtureRequest, settings: Settings) -> Iterator[Settings]:
+    """The worker's settings, and on PostgreSQL too where `TID_TEST_POSTGRES_URL` is set
+    (`.ci/run`): the metric upsert is spelled per dialect."""
+    if request.param == "sqlite":
+        yield settings
+        return
+    with postgres_database() as url:
+        upgrade(url)
+        yield Settings(**{**settings.model_dump(), "database_url": url})
+
+
 def write_events(run_dir: Path, events: list[dict[str, Any]], *, tail: str = "") -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     with (run_dir / "events.jsonl").open("a") as f:
         f.write("".join(json.dumps(e) + "\n" for e in events) + tail)
 
 
-def ingest(settings: Settings, job_id: str, run_dir: Path) -> int:
+def ingest(settings: Settings, job_id: str, run_dir: Path, *, attempt: int = 1) -> int:
     with session_scope(settings.database_url) as session:
-        return ingest_events(session, job_id, run_dir=run_dir, attempt=1)
+        return ingest_events(session, job_id, run_dir=run_dir, attempt=attempt)
+
+
+def metric_rows(settings: Settings, job_id: str) -> list[tuple[int, int, str, float]]:
+    """(attempt, step, name, value) of the job's metric rows in logging (id) order."""
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(
+            select(Metric.attempt, Metric.step, Metric.name, Metric.value)
+            .where(Metric.job_id == job_id)
+            .order_by(Metric.id)
+        )
+        return [(attempt, step, name, value) for attempt, step, name, value in rows]
+
+
+def points_after(settings: Settings, job_id: str, after_id: int) -> list[Any]:
+    """The API's metric points past the cursor `after_id`."""
+    with session_scope(settings.database_url) as session:
+        return metric_points(session, job_id, name=None, after_id=after_id, limit=1000)[0]
 
 
 def count(settings: Settings, table: Any, job_id: str) -> int:
@@ -106,6 +147,52 @@ def test_an_export_written_again_after_a_resume_updates_its_row(
     with session_scope(settings.database_url) as session:
         rows = {a.name: (a.sha256, a.bytes) for a in session.scalars(select(Artifact))}
     assert rows == {"student.pt": ("b" * 64, 7), "student.safetensors": ("d" * 64, 9)}
+
+
+def test_a_resume_overwrites_the_points_it_logs_again_and_a_cursor_reads_them_next(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    """Attempt 2 resumes from step 2's checkpoint and logs steps 3 and 4 again: the series holds
+    each (step, name) once, with the resumed run's value, and a client that read past the old
+    points with the API's cursor reads the new ones next, in logging order."""
+    job_id = running_job(settings, make_job)
+    run_dir = settings.jobs_dir / job_id
+    write_events(run_dir, [START, *(step_event(step, 10.0 - step) for step in (1, 2, 3, 4))])
+    ingest(settings, job_id, run_dir)
+    seen = points_after(settings, job_id, 0)
+    write_events(run_dir, [RESUMED_AT_2, step_event(3, 0.3), step_event(4, 0.4)])
+
+    ingest(settings, job_id, run_dir, attempt=2)
+
+    kept = [(1, 1, "loss", 9.0), (1, 1, "lr", 0.1), (1, 2, "loss", 8.0), (1, 2, "lr", 0.1)]
+    relogged = [(2, 3, "loss", 0.3), (2, 3, "lr", 0.1), (2, 4, "loss", 0.4), (2, 4, "lr", 0.1)]
+    assert metric_rows(settings, job_id) == kept + relogged
+    newer = points_after(settings, job_id, seen[-1].id)
+    assert [(p.attempt, p.step, p.name, p.value) for p in newer] == relogged
+    whole = points_after(settings, job_id, 0)
+    assert [(p.attempt, p.step, p.name, p.value) for p in whole] == kept + relogged
+
+
+def test_a_point_logged_twice_in_one_batch_keeps_the_later_value(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    """An orphaned trainer's last steps and the next attempt's re-log of them reach the
+    database in one batch when the next attempt's worker ingests both."""
+    job_id = running_job(settings, make_job)
+    run_dir = settings.jobs_dir / job_id
+    orphan = [START, *(step_event(step, 10.0 - step) for step in (1, 2, 3))]
+    write_events(run_dir, [*orphan, RESUMED_AT_2, step_event(3, 0.3)])
+
+    ingest(settings, job_id, run_dir, attempt=2)
+
+    assert metric_rows(settings, job_id) == [
+        (2, 1, "loss", 9.0),
+        (2, 1, "lr", 0.1),
+        (2, 2, "loss", 8.0),
+        (2, 2, "lr", 0.1),
+        (2, 3, "loss", 0.3),
+        (2, 3, "lr", 0.1),
+    ]
 
 
 def test_ingest_turns_every_event_into_rows(settings: Settings, make_job: MakeJob) -> None:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from store.db.models import Dataset, Model
 from store.db.session import session_scope
 from store.settings import Settings
 from tid_core.models import DetectorMeta, build_detector, save_weights
+from worker import resource_check
 from worker.resources import check_model, prepare_dataset
 
 SHAPES = {"builtin": "shapes", "num_train": 3, "num_val": 2, "image_size": 64}
@@ -56,6 +58,7 @@ def test_prepare_builtin_dataset_is_ready_with_counts(
 
     row = read(settings, Dataset, dataset_id)
     assert (row.state, row.error, row.num_train, row.num_val) == ("ready", None, 3, 2)
+    assert row.deliveries == 1
     assert row.class_names and all(isinstance(n, str) for n in row.class_names)
     assert len(row.class_names) == classes  # the generator the spec names, not always shapes
     assert (path / "annotations" / "instances_train.json").is_file()
@@ -216,4 +219,39 @@ def test_check_model_leaves_a_decided_model_alone(
 
     check_model(model_id, settings=settings)
 
-    assert read(settings, Model, model_id).state == state
+    row = read(settings, Model, model_id)
+    assert (row.state, row.deliveries) == (state, 0)  # a no-op delivery is not counted
+
+
+class _WorkerDied(BaseException):
+    """A pool child killed during the check, as its row sees it: the check never returns."""
+
+
+@pytest.mark.parametrize("kind", ["dataset", "model"])
+def test_past_its_delivery_limit_a_check_that_never_finished_fails_without_running(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    def die(*_: Any) -> NoReturn:
+        raise _WorkerDied
+
+    monkeypatch.setattr(resource_check, "run", die)
+    table: type[Dataset] | type[Model] = Dataset if kind == "dataset" else Model
+    deliver: Callable[..., None] = prepare_dataset if kind == "dataset" else check_model
+    if kind == "dataset":
+        path = settings.datasets_dir / "a"
+        resource_id = add_dataset(settings, kind="builtin", path=path, source=SHAPES)
+    else:
+        resource_id = add_model(settings, tmp_path / "m.pt")
+    for _ in range(settings.check_max_deliveries):  # 3: each counted before its check starts
+        with pytest.raises(_WorkerDied):
+            deliver(resource_id, settings=settings)
+
+    deliver(resource_id, settings=settings)  # the 4th: no check (it would raise), a decision
+    deliver(resource_id, settings=settings)  # a duplicate after it: a no-op, not counted
+
+    row = read(settings, table, resource_id)
+    assert (row.state, row.deliveries) == ("failed", 4)
+    assert row.error == (
+        "delivered 4 times without finishing: the worker running its check died or was "
+        "stopped each time (TID_CHECK_MAX_DELIVERIES is 3)"
+    )

@@ -19,12 +19,22 @@ from sqlalchemy.exc import OperationalError
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
 
 from store.db import transitions
-from store.db.models import Artifact, Checkpoint, Evaluation, Job, JobEvent, Metric, utcnow
+from store.db.models import (
+    Artifact,
+    Checkpoint,
+    Evaluation,
+    Job,
+    JobEvent,
+    Metric,
+    new_id,
+    utcnow,
+)
 from store.db.session import session_scope
 from store.queue import RUN_JOB
 from store.settings import Settings
 from tid_core.events import read_events
 from worker import runner
+from worker.reconcile import reconcile
 
 pytestmark = pytest.mark.slow
 
@@ -137,22 +147,26 @@ def test_cancel_stops_the_trainer_group(settings: Settings, make_job: MakeJob) -
 def test_lost_lease_stops_the_trainer_and_records_nothing(
     settings: Settings, make_job: MakeJob
 ) -> None:
+    """Another claim took the job, under the same worker name (a worker restarted in a
+    container keeps its hostname and pid): the claim's token tells them apart."""
     job_id = make_job(spec=tiny_spec(dataset={"num_train": 200}))
+    other = new_id()
 
     def take_over(job_id: str) -> None:
         with session_scope(settings.database_url) as session:
-            session.execute(update(Job).where(Job.id == job_id).values(lease_owner="other-worker"))
+            session.execute(update(Job).where(Job.id == job_id).values(claim_token=other))
 
     thread, seen = in_background(settings, job_id, take_over)
     runner.run_job(job_id, settings=settings)
     thread.join(timeout=10)
 
     job = read_job(settings, job_id)
-    assert (job.state, job.lease_owner, job.finished_at) == ("running", "other-worker", None)
+    assert (job.state, job.claim_token, job.finished_at) == ("running", other, None)
+    assert job.lease_owner == runner.worker_name(settings)
     assert_trainer_gone(seen["pgid"], settings.jobs_dir / job_id)
     # killed, not asked to checkpoint: the new owner's run dir gets nothing more from it
     events = read_events(settings.jobs_dir / job_id / "events.jsonl")
-    assert "interrupted" not in {e["type"] for e in events}
+    assert not {"interrupted", "end"} & {e["type"] for e in events}
 
 
 def test_database_outage_longer_than_the_lease_stops_the_trainer(
@@ -314,3 +328,79 @@ def test_a_killed_worker_takes_its_trainer_with_it(settings: Settings, make_job:
     events = read_events(settings.jobs_dir / job_id / "events.jsonl")
     assert events[-1]["type"] == "interrupted"  # stopped by the signal, not run to its end
     assert read_job(settings, job_id).state == "running"  # the reconciler's to re-queue
+
+
+def lease_runs_out(settings: Settings, job_id: str) -> None:
+    """Wait until the job's lease has run out, and let the reconciler send the job back to the
+    queue."""
+    deadline = time.monotonic() + 30
+    while True:
+        with session_scope(settings.database_url) as session:
+            if [job.id for job in transitions.expired_leases(session)] == [job_id]:
+                break
+        assert time.monotonic() < deadline, "the lease never ran out"
+        time.sleep(0.2)
+    assert reconcile(settings=settings)["requeued"] == 1
+
+
+def assert_recorded_whole(settings: Settings, job_id: str) -> None:
+    """Every event of the run's one training is a row, and every export has its row."""
+    run_dir = settings.jobs_dir / job_id
+    events = read_events(run_dir / "events.jsonl")
+    assert [e["type"] for e in events].count("start") == 1  # trained once
+    assert read_job(settings, job_id).events_offset == (run_dir / "events.jsonl").stat().st_size
+    artifacts = {a.name: a.sha256 for a in rows(settings, Artifact, job_id)}
+    assert artifacts == {name: sha256(run_dir / name) for name in events[-1]["artifacts"]}
+
+
+def test_an_outcome_kept_from_the_database_past_the_lease_is_recorded_once_it_is_back(
+    settings: Settings, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The trainer ended, and the database was away for longer than the lease: meanwhile the
+    reconciler sent the job back to the queue. Nobody claimed it since, so the worker still
+    records the attempt's outcome once the database is back, and the job is not trained again."""
+    job_id = make_job()
+    real_claimed_by = transitions.claimed_by
+    outages: list[float] = []
+
+    def away_past_the_lease(session: Any, job_id: str, token: str) -> str | None:
+        if not outages:  # the first try of the outcome's write
+            outages.append(time.monotonic())
+            lease_runs_out(settings, job_id)
+            raise OperationalError("SELECT 1", {}, Exception("database down"))
+        return real_claimed_by(session, job_id, token)
+
+    monkeypatch.setattr(transitions, "claimed_by", away_past_the_lease)
+    runner.run_job(job_id, settings=settings)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.attempt) == ("succeeded", 1), job.error
+    states = [e.data for e in rows(settings, JobEvent, job_id) if e.type == "state"]
+    assert [d["state"] for d in states] == ["running", "queued", "succeeded"]
+    assert "lost (lease expired)" in states[1]["reason"]
+    assert_recorded_whole(settings, job_id)
+    assert queued_messages(settings) == [(RUN_JOB, (job_id,))]  # the reconciler's re-send...
+    runner.run_job(job_id, settings=settings)  # ...finds nothing to claim
+    assert read_job(settings, job_id).attempt == 1
+
+
+def test_a_requeued_job_whose_run_ended_is_recorded_without_training_again(
+    settings: Settings, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker died between its trainer's end and the outcome's write: the next attempt
+    finds the run's whole `end` event in the run dir and records the run as it is."""
+    job_id = make_job()
+    with monkeypatch.context() as patch:
+        patch.setattr(runner, "_record", lambda *_: None)  # the worker dies here
+        runner.run_job(job_id, settings=settings)
+    assert read_job(settings, job_id).state == "running"
+    lease_runs_out(settings, job_id)
+
+    runner.run_job(job_id, settings=settings)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.attempt) == ("succeeded", 2), job.error
+    assert "--- attempt 2" not in (settings.jobs_dir / job_id / "train.log").read_text()
+    states = [e.data["state"] for e in rows(settings, JobEvent, job_id) if e.type == "state"]
+    assert states == ["running", "queued", "running", "succeeded"]
+    assert_recorded_whole(settings, job_id)

@@ -277,18 +277,20 @@ def test_upload_over_the_limit_is_413(
     assert dataset_count(db) == 0
 
 
-def test_dataset_is_failed_when_its_task_cannot_be_sent(
+def test_dataset_stays_pending_when_its_task_cannot_be_sent(
     client: TestClient, owner_headers: dict[str, str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Unsent, for the reconciler to send (tests/worker/test_reconcile.py)."""
+
     def send(*_: str) -> None:
         raise ConnectionError("broker down")
 
     monkeypatch.setattr(store.queue, "send", send)
     response = client.post("/v1/datasets", json=BUILTIN, headers=owner_headers)
     assert response.status_code == 202
-    assert response.json()["state"] == "failed" and "task queue" in response.json()["error"]
+    assert (response.json()["state"], response.json()["error"]) == ("pending", None)
     read = client.get(response.headers["location"], headers=owner_headers).json()
-    assert read["state"] == "failed"
+    assert read["state"] == "pending"
 
 
 def test_list_and_read_datasets_are_per_owner(

@@ -256,12 +256,12 @@ def test_events_stream_follows_a_running_job_until_final(
 ) -> None:
     monkeypatch.setattr(api.routes.jobs, "POLL_SECONDS", 0.05)
     monkeypatch.setattr(api.routes.jobs, "KEEPALIVE_SECONDS", 0.1)
-    job = make_job(db, owner="alice", state="running", lease_owner="w1")
+    job = make_job(db, owner="alice", state="running", lease_owner="w1", claim_token="t1")
     first = add_event(db, job, "progress", {"step": 1})
 
     def worker_finishes() -> None:
         with session_scope(settings.database_url) as session:
-            assert finish(session, job.id, worker="w1", state="succeeded")
+            assert finish(session, job.id, token="t1", state="succeeded")
 
     timer = threading.Timer(0.4, worker_finishes)
     timer.start()
