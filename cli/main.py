@@ -186,7 +186,8 @@ def reconcile_loop(settings: Settings, *, passes: int | None = None) -> None:
 def reconcile(
     loop: Annotated[bool, typer.Option(help="repeat every TID_RECONCILE_SECONDS")] = False,
 ) -> None:
-    """Re-queue jobs whose worker was lost and re-send queued jobs nobody picked up."""
+    """Re-queue jobs whose worker was lost; send what was never sent and re-send messages the
+    broker lost (jobs, datasets and models); fail checks that never finish."""
     settings = get_settings()
     if not loop:
         from worker.reconcile import reconcile as reconcile_once
