@@ -114,6 +114,18 @@ class Settings(BaseSettings):
             self.broker_url = "filesystem://"
         return self
 
+    @model_validator(mode="after")
+    def _check_within_visibility(self) -> Self:
+        """A check that may run past the visibility timeout would be handed, still running, to
+        another worker by Redis, and sent again by the reconciler: two checks of one row."""
+        if self.check_seconds >= self.broker_visibility_seconds:
+            raise ValueError(
+                f"TID_CHECK_SECONDS ({self.check_seconds:g}) must be below "
+                f"TID_BROKER_VISIBILITY_SECONDS ({self.broker_visibility_seconds}): a check "
+                "still running then would be handed to another worker and run twice"
+            )
+        return self
+
     @property
     def jobs_dir(self) -> Path:
         return self.data_root / "jobs"

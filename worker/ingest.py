@@ -88,7 +88,10 @@ class _Batch:
     def __init__(self, job_id: str, *, attempt: int, artifacts: set[str]) -> None:
         self.job_id, self.attempt = job_id, attempt
         self.rows: list[Base] = []
-        self.metrics: list[dict[str, Any]] = []  # upserted, in logging order
+        # (step, name) -> the point's columns, in logging order; a point logged again in the
+        # same batch moves to its end with its later value: a driver that sends the batch as
+        # one statement may not upsert a row twice ("cannot affect row a second time")
+        self.metrics: dict[tuple[int, str], dict[str, Any]] = {}
         self.values: dict[str, Any] = {}
         self.artifacts = artifacts  # names that already have a row
         # name -> (sha256, bytes) of a file with a row whose export was written again: the row
@@ -101,15 +104,15 @@ class _Batch:
                 "job %s step %d: %s=%r is not a finite number", self.job_id, step, name, value
             )
             return
-        self.metrics.append(
-            {
-                "job_id": self.job_id,
-                "attempt": self.attempt,
-                "step": step,
-                "name": name[:MAX_NAME_CHARS],
-                "value": value,
-            }
-        )
+        key = (step, name[:MAX_NAME_CHARS])
+        self.metrics.pop(key, None)
+        self.metrics[key] = {
+            "job_id": self.job_id,
+            "attempt": self.attempt,
+            "step": step,
+            "name": key[1],
+            "value": value,
+        }
 
     def add(self, event: Event) -> None:
         if isinstance(event, StartEvent | StepEvent):
@@ -228,7 +231,7 @@ def ingest_events(session: Session, job_id: str, *, run_dir: Path, attempt: int)
         return 0
     session.add_all(batch.rows)
     if batch.metrics:
-        _upsert_metrics(session, batch.metrics)
+        _upsert_metrics(session, list(batch.metrics.values()))
     for name, (sha256, size) in batch.rewritten.items():
         session.execute(
             update(Artifact)

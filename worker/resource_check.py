@@ -15,6 +15,7 @@ names its setting. Torch is imported here only, in the child.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import resource
 import signal
@@ -139,6 +140,9 @@ def run(check: DatasetCheck | ModelCheck, settings: Settings) -> Outcome:
             errors="replace",
             timeout=settings.check_seconds,
             env={**os.environ, **CHILD_ENV},
+            # set before exec, so that no part of the child's life (its interpreter's start-up
+            # included) outlives the pool child that waits for it
+            preexec_fn=functools.partial(set_parent_death_signal, signal.SIGKILL),
         )
     except subprocess.TimeoutExpired:  # the child was killed
         return Outcome.failed(
@@ -195,7 +199,6 @@ def main() -> None:
     parser.add_argument("--memory-mb", type=int, required=True)
     parser.add_argument("--cpu-seconds", type=int, required=True)
     args = parser.parse_args()
-    set_parent_death_signal(signal.SIGKILL)  # never outlive the pool child that waits for it
     _limit(args.memory_mb, args.cpu_seconds)
     check: DatasetCheck | ModelCheck = TypeAdapter(Check).validate_json(sys.stdin.buffer.read())
     try:

@@ -25,6 +25,7 @@ from store.db.models import Dataset, Model
 from store.db.session import session_scope
 from store.settings import Settings
 from worker import resource_check
+from worker.db_retry import retrying
 from worker.resource_check import DatasetCheck, ModelCheck, Outcome
 
 log = logging.getLogger(__name__)
@@ -48,13 +49,18 @@ def _deliver(settings: Settings, kind: type[Row], id_: str) -> Row | None:
 
 
 def _decide(settings: Settings, kind: type[Row], id_: str, outcome: Outcome) -> None:
-    """pending -> ready or failed, conditionally, like job transitions."""
-    with session_scope(settings.database_url) as session:
-        session.execute(
-            update(kind)
-            .where(kind.id == id_, kind.state == "pending")
-            .values(state=outcome.state, error=outcome.error, **outcome.values)
-        )
+    """pending -> ready or failed, conditionally, like job transitions. Retried here through
+    a database blip: a Celery retry would run the check again, and count a delivery."""
+
+    def write() -> None:
+        with session_scope(settings.database_url) as session:
+            session.execute(
+                update(kind)
+                .where(kind.id == id_, kind.state == "pending")
+                .values(state=outcome.state, error=outcome.error, **outcome.values)
+            )
+
+    retrying(settings, f"{kind.__name__} {id_}", "recording the check's outcome", write)
     log.info("%s %s: %s %s", kind.__name__, id_, outcome.state, outcome.error or "")
 
 

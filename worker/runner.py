@@ -27,7 +27,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
@@ -39,6 +39,7 @@ from store.queue import RUN_JOB, enqueue
 from store.settings import Settings
 from tid_core.launch import terminate_with_parent, torchrun_command
 from tid_core.spec import JobSpec
+from worker.db_retry import retrying
 from worker.finished_run import finished_run
 from worker.ingest import EVENTS_FILE, ingest_events
 from worker.process_tree import kill_tree
@@ -46,7 +47,6 @@ from worker.resolve import resolve_spec
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 POLL_SECONDS = 0.5
 SHUTDOWN_REASON = "handed back: the worker is shutting down"
@@ -340,22 +340,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
     log.warning("process group %d still has members after SIGKILL", proc.pid)
 
 
-def _retrying(run: _Run, what: str, call: Callable[[], T]) -> T:
-    """`call()` until the database answers (a restart takes seconds), for at most
-    `db_retry_seconds`: the outcome of hours of training is worth waiting for."""
-    deadline = time.monotonic() + run.settings.db_retry_seconds
-    delay = 0.5
-    while True:
-        try:
-            return call()
-        except TRANSIENT_ERRORS as exc:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("job %s: database unavailable %s; retrying: %s", run.job_id, what, exc)
-            time.sleep(delay)
-            delay = min(2 * delay, 10.0)
-
-
 def _conclude(run: _Run, returncode: int, stop: str | None, runtime: _RunTime) -> None:
     """Record the outcome the exit code and our stop reason give, unless the lease was lost
     while the trainer ran (it was killed: the reconciler decides). A run that trained to its
@@ -428,7 +412,7 @@ def _record(run: _Run, outcome: _Outcome | Callable[[Session], _Outcome]) -> Non
             )
             return (decided, True) if done else None
 
-    recorded = _retrying(run, "recording the outcome", write)
+    recorded = retrying(run.settings, f"job {run.job_id}", "recording the outcome", write)
     if recorded is None:
         log.warning("job %s: not recording an outcome: claimed again since, or final", run.job_id)
         return

@@ -1,8 +1,10 @@
 """The messages of waiting jobs, datasets and models: when each was sent, and which may be lost.
 
 The database cannot see into the broker. What it holds, per row, is whether the broker accepted
-a message for it since it began to wait (`last_sent_at`, recorded by `store.queue.enqueue`) and
-how many it accepted (`send_count`); the broker can say how many messages wait in its queue. A
+a message for it since it began to wait (`last_sent_at`, recorded by `store.queue.enqueue`, and
+cleared when a job goes back to the queue, so that "sent" compares no clocks: `queued_at` and
+`created_at` may come from a host whose clock disagrees with the database's) and how many it
+accepted (`send_count`); the broker can say how many messages wait in its queue. A
 waiting row's message is lost in one of two ways: it was never sent (the send failed, or its
 process died first), which the row shows; or the broker lost it (a restart without
 persistence, a worker that took it and dropped it), which shows as a queue that holds fewer
@@ -16,7 +18,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TypeAlias
 
-from sqlalchemy import ColumnElement, and_, func, not_, select, update
+from sqlalchemy import ColumnElement, func, not_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from store.db.models import Dataset, Job, Model
@@ -31,18 +33,20 @@ def _waiting(kind: Waiting) -> ColumnElement[bool]:
 
 
 def _since(kind: Waiting) -> InstrumentedAttribute[datetime]:
-    """When the row began to wait: a job begins again with each re-queue."""
+    """When the row began to wait (a job begins again with each re-queue): only a never-sent
+    row's age is judged by it."""
     return Job.queued_at if kind is Job else kind.created_at
 
 
 def _sent(kind: Waiting) -> ColumnElement[bool]:
-    """The broker accepted a message for the row since it began to wait."""
-    return and_(kind.last_sent_at.is_not(None), kind.last_sent_at >= _since(kind))
+    """The broker accepted a message for the row since it began to wait (a re-queue clears
+    `last_sent_at`)."""
+    return kind.last_sent_at.is_not(None)
 
 
 def record_sent(session: Session, kind: Waiting, row_id: str) -> None:
-    """The broker accepted a message for the row, now by the database's clock (as a job's
-    `queued_at` is when a worker or the reconciler re-queues it)."""
+    """The broker accepted a message for the row, now by the database's clock (which the
+    reconciler judges a send's age by)."""
     session.execute(
         update(kind)
         .where(kind.id == row_id)

@@ -148,6 +148,7 @@ def requeue(
         lease_owner=None,
         lease_expires=None,
         queued_at=db_now(session),
+        last_sent_at=None,  # its earlier message was taken: it waits unsent until sent again
         **extra,
     )
 
@@ -181,13 +182,14 @@ def request_cancel(session: Session, job_id: str) -> bool:
     no longer be claimed: the claim is a `queued -> running` UPDATE of its own.
     """
     queued = Job.state == "queued"
+    now = db_now(session)
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state.in_(("queued", "running")))
         .values(
             cancel_requested=True,
             state=case((queued, "cancelled"), else_=Job.state),
-            finished_at=case((queued, utcnow()), else_=Job.finished_at),
+            finished_at=case((queued, now), else_=Job.finished_at),
         )
         .returning(Job.state, Job.attempt)
     )
@@ -196,7 +198,9 @@ def request_cancel(session: Session, job_id: str) -> bool:
         return False
     if row.state == "cancelled":
         data = {"state": "cancelled"}
-        session.add(JobEvent(job_id=job_id, attempt=row.attempt, type="state", data=data))
+        session.add(
+            JobEvent(job_id=job_id, attempt=row.attempt, type="state", data=data, created_at=now)
+        )
     return True
 
 
@@ -247,5 +251,6 @@ def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> st
         lease_owner=None,
         lease_expires=None,
         queued_at=now,
+        last_sent_at=None,  # as in `requeue`
     )
     return "queued" if done else None

@@ -714,7 +714,10 @@ def test_database_away_longer_than_the_lease_as_the_trainer_ends_keeps_the_outco
     (the worker's way to it, through a relay, stays cut until then: otherwise which of the two
     writes first is a race); nobody claimed the job since, so the worker's retried write still
     records the attempt's outcome, and the run is not trained again."""
-    lease = 15  # above the evaluation and export, which the trainer does on its lease
+    # well above the evaluation, export and exit, which the trainer does on the lease last
+    # renewed before the database stopped, even on a loaded 2-core host; the wait below for
+    # the lease to run out grows with it (the test's length: about lease + 2 s more)
+    lease = 40
     timeouts = {"TID_DB_STATEMENT_TIMEOUT_SECONDS": "6", "TID_DB_CONNECT_TIMEOUT_SECONDS": "3"}
     f = faults(TID_LEASE_SECONDS=str(lease), **timeouts)
     dataset_id = dataset(f)

@@ -48,6 +48,7 @@ def backlog(tmp_path: Path) -> Iterator[tuple[Stack, PrivateRedis]]:
             TID_RECONCILE_SECONDS="0.2",
             TID_REQUEUE_AFTER_SECONDS="5",
             TID_BROKER_VISIBILITY_SECONDS="3",
+            TID_CHECK_SECONDS="2",  # below it, as the settings require (no worker checks here)
             TID_RESEND_PER_PASS=str(PER_PASS),
             TID_MAX_ACTIVE_JOBS_PER_OWNER="0",
         ) as stack,
@@ -89,8 +90,9 @@ def test_a_backlog_keeps_one_message_per_job_and_lost_ones_are_sent_again_once(
     assert watch(messages, 20) == 1
     assert messages() == dict.fromkeys(rows, 1)  # the never sent ones too, once
 
-    redis_server.restart()  # no persistence: every message is lost
-    assert broker.llen(settings.queue) == 0
+    # no persistence: every message is lost. The reconciler may re-send some before this test
+    # could look at the queue; that all were lost shows in every row's second send, below
+    redis_server.restart()
     deadline = time.monotonic() + 30
     while len(messages()) < len(rows):
         assert time.monotonic() < deadline, stack.log("reconciler")

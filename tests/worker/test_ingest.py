@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from databases import POSTGRES, postgres_database
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 from worker_support import MakeJob, read_job
 
 from api.evaluations import metric_points
@@ -18,6 +19,7 @@ from store.db.migrate import upgrade
 from store.db.models import Artifact, Checkpoint, Evaluation, JobEvent, Metric
 from store.db.session import session_scope
 from store.settings import Settings
+from worker import ingest as ingest_module
 from worker.ingest import ingest_events
 from worker.runner import worker_name
 
@@ -193,6 +195,28 @@ def test_a_point_logged_twice_in_one_batch_keeps_the_later_value(
         (2, 3, "loss", 0.3),
         (2, 3, "lr", 0.1),
     ]
+
+
+def test_one_upsert_statement_never_names_a_point_twice(
+    settings: Settings, make_job: MakeJob, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A driver that sends the batch as one statement would fail on PostgreSQL with "ON
+    CONFLICT DO UPDATE command cannot affect row a second time"."""
+    batches: list[list[tuple[int, str, float]]] = []
+    upsert = ingest_module._upsert_metrics
+
+    def recording(session: Session, points: list[dict[str, Any]]) -> None:
+        batches.append([(p["step"], p["name"], p["value"]) for p in points])
+        upsert(session, points)
+
+    monkeypatch.setattr(ingest_module, "_upsert_metrics", recording)
+    job_id = running_job(settings, make_job)
+    run_dir = settings.jobs_dir / job_id
+    write_events(run_dir, [START, step_event(1, 9.0), RESUMED_AT_2, step_event(1, 0.9)])
+
+    ingest(settings, job_id, run_dir, attempt=2)
+
+    assert batches == [[(1, "loss", 0.9), (1, "lr", 0.1)]]
 
 
 def test_ingest_turns_every_event_into_rows(settings: Settings, make_job: MakeJob) -> None:

@@ -5,8 +5,11 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
+from sqlalchemy import select, update
 from worker_support import MakeJob, queued_messages, read_job
 
+from store.db import transitions
 from store.db.models import Dataset, Job, Model, new_id, utcnow
 from store.db.session import session_scope
 from store.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB, enqueue, make_celery
@@ -172,14 +175,21 @@ def test_a_job_never_sent_is_sent_once_its_send_had_time(
     settings: Settings, make_job: MakeJob
 ) -> None:
     """The API died between its commit and its send, or the send failed; a job re-queued after a
-    send counts as unsent again."""
+    send counts as unsent again (here its worker died between the re-queue and the send)."""
     old = make_job(queued_at=utcnow() - timedelta(minutes=1))
     requeued = make_job(
-        queued_at=utcnow() - timedelta(minutes=1),
+        state="running",
+        attempt=1,
+        claim_token="t",
         last_sent_at=utcnow() - timedelta(hours=1),  # its first attempt's message
         send_count=1,
     )
+    with session_scope(settings.database_url) as session:
+        assert transitions.requeue(session, requeued, token="t", reason="retrying")
+    with session_scope(settings.database_url) as session:
+        session.get_one(Job, requeued).queued_at = utcnow() - timedelta(minutes=1)
     fresh = make_job()  # its send may still be under way
+    settings = settings.model_copy(update={"requeue_after_seconds": 30})  # a slow machine's
 
     assert reconcile(settings=settings)["resent"] == 2
     assert reconcile(settings=settings)["resent"] == 0
@@ -187,6 +197,31 @@ def test_a_job_never_sent_is_sent_once_its_send_had_time(
     assert sorted(queued_messages(settings)) == sorted([(RUN_JOB, (old,)), (RUN_JOB, (requeued,))])
     assert read_job(settings, requeued).send_count == 2
     assert read_job(settings, fresh).last_sent_at is None
+
+
+@pytest.mark.parametrize("kind", [Job, Dataset])
+def test_a_row_sent_counts_as_sent_whatever_the_clock_of_the_host_that_inserted_it(
+    settings: Settings, make_job: MakeJob, kind: type[Job | Dataset]
+) -> None:
+    """The API host's clock runs ahead of the database's: the row's `queued_at`/`created_at`
+    (the host's) is later than its `last_sent_at` (the database's), and it still counts as sent,
+    so it is not sent a second time (for a dataset: a second concurrent check)."""
+    inserted = utcnow() - timedelta(minutes=1)
+    if kind is Job:
+        row_id, task = make_job(queued_at=inserted), RUN_JOB
+    else:
+        row_id, task = pending(settings, Dataset, created_at=inserted), PREPARE_DATASET
+    assert enqueue(settings, task, row_id)
+    with session_scope(settings.database_url) as session:
+        sent_at = inserted - timedelta(seconds=30)
+        session.execute(update(kind).where(kind.id == row_id).values(last_sent_at=sent_at))
+
+    for _ in range(3):
+        assert reconcile(settings=settings) == NOTHING
+
+    assert queued_messages(settings) == [(task, (row_id,))]
+    with session_scope(settings.database_url) as session:
+        assert session.scalar(select(kind.send_count).where(kind.id == row_id)) == 1
 
 
 def test_sends_again_are_bounded_per_pass(settings: Settings, make_job: MakeJob) -> None:

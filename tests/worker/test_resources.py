@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
 import torch
 from coco_folders import COCO_2017, with_split_names
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
 from torchvision.models import resnet34
 
 from store.db.models import Dataset, Model
 from store.db.session import session_scope
 from store.settings import Settings
 from tid_core.models import DetectorMeta, build_detector, save_weights
-from worker import resource_check
+from worker import resource_check, resources
 from worker.resources import check_model, prepare_dataset
 
 SHAPES = {"builtin": "shapes", "num_train": 3, "num_val": 2, "image_size": 64}
@@ -255,3 +258,35 @@ def test_past_its_delivery_limit_a_check_that_never_finished_fails_without_runni
         "delivered 4 times without finishing: the worker running its check died or was "
         "stopped each time (TID_CHECK_MAX_DELIVERIES is 3)"
     )
+
+
+def test_a_database_blip_after_the_check_retries_the_decision_not_the_check(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Celery retry would run a long check again and count a delivery that was not one."""
+    checks: list[object] = []
+
+    def check(*args: object) -> resource_check.Outcome:
+        checks.append(args)
+        return resource_check.Outcome(state="ready", values={"num_train": 3, "num_val": 2})
+
+    opened = 0
+
+    @contextlib.contextmanager
+    def blipping_scope(url: str) -> Iterator[Session]:
+        nonlocal opened
+        opened += 1
+        if opened in (2, 3):  # the decision's first two tries (the first scope counts delivery)
+            raise OperationalError("UPDATE datasets", {}, Exception("server closed the connection"))
+        with session_scope(url) as session:
+            yield session
+
+    monkeypatch.setattr(resource_check, "run", check)
+    monkeypatch.setattr(resources, "session_scope", blipping_scope)
+    path = settings.datasets_dir / "a"
+    dataset_id = add_dataset(settings, kind="builtin", path=path, source=SHAPES)
+
+    prepare_dataset(dataset_id, settings=settings)
+
+    row = read(settings, Dataset, dataset_id)
+    assert (row.state, row.deliveries, row.num_train, len(checks)) == ("ready", 1, 3, 1)

@@ -128,6 +128,25 @@ def test_only_the_claim_that_holds_the_job_renews_finishes_or_requeues_it(
     assert (job.state, job.attempt, job.claim_token) == ("running", 2, second)
 
 
+@pytest.mark.parametrize("how", ["retry", "handback", "lease lost"])
+def test_a_job_sent_back_to_the_queue_waits_unsent(
+    settings: Settings, make_job: MakeJob, how: str
+) -> None:
+    """Its earlier message was taken: the reconciler must see it unsent until it is sent again."""
+    job_id = make_job(last_sent_at=utcnow(), send_count=1)
+    token = claim(settings, job_id)
+    assert token
+    if how == "lease lost":
+        assert lose_lease(settings, job_id) == "queued"
+    else:
+        with session_scope(settings.database_url) as session:
+            handback = how == "handback"
+            assert transitions.requeue(session, job_id, token=token, reason=how, handback=handback)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.last_sent_at, job.send_count) == ("queued", None, 1)
+
+
 def test_an_outcome_lands_on_a_requeued_job_until_it_is_claimed_again(
     settings: Settings, make_job: MakeJob
 ) -> None:
@@ -171,7 +190,13 @@ def test_lease_times_come_from_the_database_clock_not_this_hosts(
             job_id = job.id
         with session_scope(url) as session:
             token = transitions.claim(session, job_id, worker="w", lease_seconds=30)
+            waiting = Job(owner="alice", name="j", spec=tiny_spec(), method="none")
+            session.add(waiting)
+            session.flush()
+            waiting_id = waiting.id
         assert token
+        with session_scope(url) as session:
+            assert transitions.request_cancel(session, waiting_id)
         with session_scope(url) as session:
             assert transitions.renew_lease(session, job_id, token=token, lease_seconds=30)
         with session_scope(url) as session:
@@ -181,3 +206,8 @@ def test_lease_times_come_from_the_database_clock_not_this_hosts(
             assert timedelta(seconds=25) < job.lease_expires - now <= timedelta(seconds=30)
             assert abs(job.started_at - now) < timedelta(seconds=5)
             assert transitions.expired_leases(session) == []
+            cancelled = session.get_one(Job, waiting_id)
+            assert cancelled.finished_at is not None
+            assert abs(cancelled.finished_at - now) < timedelta(seconds=5)
+            events = session.scalars(select(JobEvent).where(JobEvent.job_id == waiting_id))
+            assert [abs(e.created_at - now) < timedelta(seconds=5) for e in events] == [True]
