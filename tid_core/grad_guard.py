@@ -28,11 +28,12 @@ from tid_core.events import EventWriter, GradRatioEvent, WarningEvent
 
 log = logging.getLogger(__name__)
 
-# The ratios at which the benchmark saw distillation help the student (docs/BENCHMARKS.md, "TID
-# against PKD at the longer budget" and the FitNet runs): TID and PKD at 1.4-2.4, while FitNet at
-# 191 left the student worse than training alone; a reviewer saw FitNet help where TID did not.
-# Wide on purpose until the capacity-gap protocol being built narrows it.
-HELPFUL_GRAD_RATIO: Final = (0.1, 10.0)
+# The ratios at which the benchmarks saw distillation help the student (docs/BENCHMARKS.md): on
+# the capacity-gap protocol's tuning grid FitNet at 1.3 and the standardised losses (PKD, TID) at
+# 32-82, their best trials, while at 2-5 they did next to nothing; on synthetic shapes FitNet at
+# 191 left the student worse than training alone. The ratio is not comparable across loss forms
+# (FitNet at 1.3 gained more than TID at 75), so the range only flags the far-off.
+HELPFUL_GRAD_RATIO: Final = (0.1, 100.0)
 GRAD_RATIO_STEPS: Final = 4  # measured steps: enough to average out one batch's draw
 
 
