@@ -145,12 +145,15 @@ def requeue(
         to="queued",
         where=Job.claim_token == token,
         reason=reason,
-        lease_owner=None,
-        lease_expires=None,
-        queued_at=db_now(session),
-        last_sent_at=None,  # its earlier message was taken: it waits unsent until sent again
+        **_back_in_queue(db_now(session)),
         **extra,
     )
+
+
+def _back_in_queue(now: datetime) -> dict[str, Any]:
+    """A job's columns as it goes back to the queue: no lease, waiting since `now`, and unsent
+    (its earlier message was taken: it waits so until it is sent again)."""
+    return {"lease_owner": None, "lease_expires": None, "queued_at": now, "last_sent_at": None}
 
 
 def attempts_left(job: Job) -> int:
@@ -248,9 +251,6 @@ def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> st
         to="queued",
         where=lost,
         reason=lost_how,
-        lease_owner=None,
-        lease_expires=None,
-        queued_at=now,
-        last_sent_at=None,  # as in `requeue`
+        **_back_in_queue(now),
     )
     return "queued" if done else None
