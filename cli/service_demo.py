@@ -29,6 +29,10 @@ from store.settings import get_settings
 from tid_core import recipes
 from tid_core.launch import terminate_with_parent
 
+# how often the demo asks the API about its dataset and jobs: one small GET each, and a job's end
+# is seen within half a second (a quick job lasts seconds)
+POLL_SECONDS = 0.5
+
 
 @dataclass
 class Service:
@@ -99,7 +103,7 @@ def _wait_ready(running: Service) -> None:
         with contextlib.suppress(Exception):
             if running.client.http.get("/readyz").status_code == 200:
                 return
-        time.sleep(0.5)
+        time.sleep(POLL_SECONDS)
     raise SystemExit(f"the API did not become ready in 60 s; see {running.logs}")
 
 
@@ -122,6 +126,7 @@ def _dataset(running: Service, recipe: recipes.Recipe) -> str:
         lambda: client.dataset(ds["id"]),
         done=lambda d: d["state"] != "pending",
         on_poll=lambda _: running.check(),
+        interval=POLL_SECONDS,
     )
     if ds["state"] != "ready":
         raise SystemExit(f"dataset failed: {ds.get('error')}")
@@ -149,7 +154,7 @@ def _run(running: Service, label: str, spec: dict[str, Any]) -> dict[str, Any]:
             )
             shown.update(state=j["state"], step=step)
 
-    job = client.wait_job(job["id"], on_poll=show, interval=2.0)
+    job = client.wait_job(job["id"], on_poll=show, interval=POLL_SECONDS)
     if job["state"] != "succeeded":
         raise SystemExit(f"{label} {job['state']}: {job.get('error')}")
     return dict(job)

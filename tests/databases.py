@@ -1,12 +1,17 @@
 """PostgreSQL for the tests that also run against it: the shared server of
-`TID_TEST_POSTGRES_URL` (set by `.ci/run`), with a database of their own per test."""
+`TID_TEST_POSTGRES_URL` (set by `.ci/run`), with a database of their own per test; and a
+test's own SQLite database, copied from one migrated once (tests/conftest.py)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+
+from sqlalchemy import make_url
 
 POSTGRES = os.environ.get(
     "TID_TEST_POSTGRES_URL"
@@ -27,3 +32,15 @@ def postgres_database() -> Iterator[str]:
     finally:
         with psycopg.connect(POSTGRES, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def copy_sqlite(template: Path, url: str) -> None:
+    """A new SQLite database at `url` (`sqlite:///PATH`) holding what `template` holds: its
+    schema, at its migration. SQLite's backup API copies what is committed, WAL included."""
+    path = Path(str(make_url(url).database))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        contextlib.closing(sqlite3.connect(template)) as source,
+        contextlib.closing(sqlite3.connect(path)) as copy,
+    ):
+        source.backup(copy)

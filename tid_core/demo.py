@@ -9,6 +9,7 @@ demo runs again with the same spec.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -76,7 +77,8 @@ def run_job(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         seen = 0
         while proc.poll() is None:
-            time.sleep(1.0)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1.0)  # ends as the trainer does: no second lost per job
             seen = _print_progress(name, run_dir / "events.jsonl", seen)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed (exit {proc.returncode}); see {log_file}")

@@ -1,6 +1,6 @@
-"""API fixtures: a migrated SQLite database and data root per test, an app on them, API keys for
-two owners, and the tasks the API sends (recorded instead of reaching a broker: the workers
-have their own tests)."""
+"""API fixtures: a migrated SQLite database (a copy of one migrated once) and data root per test,
+an app on them, API keys for two owners, and the tasks the API sends (recorded instead of
+reaching a broker: the workers have their own tests)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from databases import copy_sqlite
 from factories import make_settings
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -15,16 +16,15 @@ from support import Sent
 
 import store.queue
 from api.app import create_app
-from store.db.migrate import upgrade
 from store.db.session import get_sessionmaker, session_scope
 from store.keys import create_key
 from store.settings import Settings
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
     settings = make_settings(tmp_path)
-    upgrade(settings.database_url)
+    copy_sqlite(migrated_sqlite, settings.database_url)
     return settings
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from databases import copy_sqlite
 from worker_support import MakeJob, tiny_spec
 
-from store.db.migrate import upgrade
 from store.db.models import Job
 from store.db.session import session_scope
 from store.settings import Settings
@@ -23,7 +23,7 @@ def _one_thread_trainers(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
+def settings(tmp_path: Path, migrated_sqlite: Path) -> Settings:
     s = Settings(
         data_root=tmp_path / "data",
         queue=f"tid-test-{uuid.uuid4().hex[:8]}",
@@ -32,7 +32,7 @@ def settings(tmp_path: Path) -> Settings:
         reconcile_seconds=1,
         requeue_after_seconds=1,
     )
-    upgrade(s.database_url)
+    copy_sqlite(migrated_sqlite, s.database_url)
     return s
 
 
