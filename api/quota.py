@@ -3,8 +3,8 @@
 Quotas bound what one owner holds or runs at once: jobs queued or running, datasets and models
 (how many, and the bytes the service stores for them). A full one is a 429: the same request
 may succeed later, once a job ends or an operator makes room. Caps bound what one request may
-ask for: a job's processes, loader workers, size (epochs x training images) and run time, a
-generated dataset's images. A spec above one is a 422: as it is, it can never succeed.
+ask for: a job's nodes, processes, loader workers, size (epochs x training images) and run
+time, a generated dataset's images. A spec above one is a 422: as it is, it can never succeed.
 
 The counts are read before the insert and not locked: two requests racing each other may both
 pass them. That is a quota, not an invariant, and it keeps submits and uploads free of table
@@ -81,7 +81,7 @@ def check_job_caps(session: Session, settings: Settings, spec: JobSpec, *, owner
     ready); a server path's are known only to the worker that reads it, so that is not capped."""
     _check_runtime(settings, spec)
     resources = spec.resources
-    for field in ("nproc_per_node", "num_workers"):
+    for field in ("nnodes", "nproc_per_node", "num_workers"):
         _cap(
             settings,
             f"max_{field}",

@@ -31,6 +31,8 @@ class JobPublic(_Public):
     best_ap: float | None
     error: str | None
     cancel_requested: bool
+    # why a queued job on several nodes has not started: its workers are not all free at once
+    waiting_reason: str | None = None
     spec: dict[str, Any]
     created_at: datetime
     started_at: datetime | None

@@ -155,26 +155,37 @@ def _lock(slot: int) -> IO[bytes] | None:
     return file
 
 
-def sweep() -> None:
-    """Remove what dead runs left behind: the leftovers of every slot whose lock is free."""
+def _by_slot() -> dict[int, set[str]]:
     by_slot: dict[int, set[str]] = {}
     for name in leftovers():
         by_slot.setdefault(int(_NAME.match(name).group(1)), set()).add(name)  # type: ignore[union-attr]
-    for slot, names in sorted(by_slot.items()):
-        lock = _lock(slot)
-        if lock is not None:
-            with lock:
-                _remove(names, [])
+    return by_slot
+
+
+def sweep() -> None:
+    """Remove what dead runs left behind: the leftovers of every slot whose lock is free.
+    Sweeps take turns (one lock for all, each sweep bounded), so when one returns, what a
+    dead run left is gone even where a parallel sweep was the one removing it."""
+    LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    with (LOCK_DIR / "sweep.lock").open("ab") as turn:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        for slot, names in sorted(_by_slot().items()):
+            lock = _lock(slot)
+            if lock is not None:
+                with lock:
+                    _remove(names, [])
 
 
 def _claim() -> tuple[int, IO[bytes]]:
-    """A free slot, locked, whose subnet no route of the root namespace overlaps."""
+    """A free slot, locked, whose subnet no route of the root namespace overlaps and which
+    holds nothing (a dead run's leftovers are the sweep's to remove)."""
     routed = []
     for line in ip("-4", "route", "show").splitlines():
         with suppress(ValueError, IndexError):
             routed.append(ipaddress.IPv4Network(line.split()[0], strict=False))
+    used = _by_slot()
     for slot in range(SLOTS):
-        if any(subnet(slot).overlaps(net) for net in routed):
+        if slot in used or any(subnet(slot).overlaps(net) for net in routed):
             continue
         lock = _lock(slot)
         if lock is not None:

@@ -29,6 +29,7 @@ from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.settings import Settings
 
 RUN_JOB = "tid.run_job"
+RUN_NODE = "tid.run_node"  # one node of a job on several: sent to the worker's own queue
 PREPARE_DATASET = "tid.prepare_dataset"
 CHECK_MODEL = "tid.check_model"
 # the row each task is sent for, where its sends are recorded
@@ -91,6 +92,25 @@ def _cached(settings_json: str) -> Celery:
 def send(settings: Settings, task: str, *args: str) -> None:
     """Send a task by name to the service queue (call after the DB transaction commits)."""
     _cached(settings.model_dump_json()).send_task(task, args=list(args), queue=settings.queue)
+
+
+def node_queue(settings: Settings, worker: str) -> str:
+    """The queue of the worker `worker` alone (it also consumes the service queue)."""
+    return f"{settings.queue}.node.{worker}"
+
+
+def send_node(settings: Settings, queue: str, job_id: str, token: str, rank: int) -> bool:
+    """Send RUN_NODE for one node of a placed job to its worker's queue; False (and logged)
+    when the broker refused it (the node's lease then runs out, and the reconciler re-queues
+    the job)."""
+    try:
+        _cached(settings.model_dump_json()).send_task(
+            RUN_NODE, args=[job_id, token, rank], queue=queue
+        )
+    except Exception:
+        log.exception("could not send %s(%s, node %d) to %s", RUN_NODE, job_id, rank, queue)
+        return False
+    return True
 
 
 def enqueue(settings: Settings, task: str, resource_id: str) -> bool:

@@ -88,6 +88,8 @@ class Settings(BaseSettings):
     max_event_streams_per_owner: int = Field(default=20, ge=0, le=100_000)
     # caps on what one job or generated dataset may ask for (a spec above them is a 422)
     max_nproc_per_node: int = Field(default=8, ge=1, le=64)
+    # hosts (workers) one job may span (resources.nnodes)
+    max_nnodes: int = Field(default=4, ge=1, le=64)
     max_num_workers: int = Field(default=16, ge=0, le=64)
     # a job's size: epochs x training images (COCO's 3x schedule: 36 x 118,287 = 4.3 million)
     max_job_images: int = Field(default=5_000_000, ge=1)
@@ -96,6 +98,17 @@ class Settings(BaseSettings):
     max_json_bytes: int = Field(default=1 << 20, ge=1024)
     max_upload_bytes: int = Field(default=4 << 30, ge=1024)
     worker_name: str = ""  # default: hostname-pid
+    # a worker's row in the registry (store/db/workers.py): written this often, on the database's
+    # clock; a worker whose last one is older than 3 of them is gone (no job is placed on it)
+    heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # the address the other nodes of a job reach this worker at (its rendezvous, when it runs a
+    # job's node 0); default: this host's address on its route out (tid_core.dist)
+    worker_address: str = Field(default="", max_length=255)
+    # the GPUs this worker gives its jobs, comma-separated device ids (CUDA_VISIBLE_DEVICES'
+    # form, e.g. "0,1,2,3"); empty: a CPU worker
+    worker_gpus: str = Field(default="", pattern=r"^[A-Za-z0-9\-]*(,[A-Za-z0-9\-]+)*$")
+    # the TCP port of a multi-node job's rendezvous on its node 0's worker (open between workers)
+    rendezvous_port: int = Field(default=29400, ge=1, le=65535)
     # `Authorization: Bearer <token>` that /metrics then requires (unset: open, so firewall it)
     metrics_token: SecretStr | None = None
     # `user:password` for `tid flower`, which refuses a non-loopback address without it
@@ -137,6 +150,11 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.data_root / "models"
+
+    @property
+    def gpu_ids(self) -> list[str]:
+        """`worker_gpus` as a list (empty: a CPU worker)."""
+        return [gpu for gpu in self.worker_gpus.split(",") if gpu]
 
     @property
     def broker_dir(self) -> Path:

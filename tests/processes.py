@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections import Counter
+from collections.abc import Callable
 from contextlib import suppress
 from pathlib import Path
 
@@ -92,11 +94,18 @@ def signal_pending(pid: int, sig: signal.Signals) -> bool:
 
 
 class AttemptWatch:
-    """Samples the trainer processes of some run dirs in a thread while a test runs."""
+    """Samples the trainer processes of some run dirs in a thread while a test runs.
 
-    def __init__(self) -> None:
+    With `host_of` (a pid's host: its network namespace, bench/netns.py, on one PID namespace)
+    it also records the most attempts seen at once on any one host, and each host that ran one:
+    a job on several nodes runs one trainer tree per host."""
+
+    def __init__(self, host_of: Callable[[int], str | None] | None = None) -> None:
         self.run_dirs: list[Path] = []
         self.most: dict[Path, int] = {}
+        self.most_on_a_host: dict[Path, int] = {}
+        self.hosts: dict[Path, set[str]] = {}
+        self._host_of = host_of
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -113,6 +122,11 @@ class AttemptWatch:
                 roots = set(trainer_processes(run_dir).values())
                 attempts = {root for root in roots if not _loader_worker(root)}
                 self.most[run_dir] = max(self.most[run_dir], len(attempts))
+                if self._host_of is not None:
+                    on = Counter(self._host_of(root) for root in attempts)
+                    most = max(on.values(), default=0)
+                    self.most_on_a_host[run_dir] = max(self.most_on_a_host.get(run_dir, 0), most)
+                    self.hosts.setdefault(run_dir, set()).update(h for h in on if h)
 
     def close(self) -> None:
         self._stop.set()

@@ -50,9 +50,14 @@ class Rendezvous:
     endpoint: str
     run_id: str
     local_addr: str
+    # whether this node serves the store; None: the node whose address is the endpoint's (two
+    # nodes on one host, one worker per GPU, share an address: their starter says which)
+    host: bool | None = None
 
     @property
     def hosts_store(self) -> bool:
+        if self.host is not None:
+            return self.host
         return self.endpoint.rsplit(":", 1)[0].strip("[]") == self.local_addr
 
     def torchrun_args(self) -> list[str]:

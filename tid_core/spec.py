@@ -87,10 +87,10 @@ class ModelSpec(_Strict):
     fpn_channels: int = Field(default=128, ge=64, le=512, multiple_of=32)
 
 
-def _omitted_at_default(default: Any) -> Any:
+def _omitted_at_default(default: Any, **bounds: Any) -> Any:
     """A field added after specs were stored: left out of dumps (and so of `spec_hash`) at its
     default, so specs written before it existed keep their hash."""
-    return Field(default=default, exclude_if=lambda value: value == default)
+    return Field(default=default, exclude_if=lambda value: value == default, **bounds)
 
 
 class StudentSpec(ModelSpec):
@@ -282,9 +282,11 @@ class ScheduleSpec(_Strict):
 
 
 class ResourcesSpec(_Strict):
-    """Where and how the job runs. `max_attempts` caps the attempts the service starts (lost
+    """Where and how the job runs: `nnodes` hosts (workers) of `nproc_per_node` processes each,
+    a world of nnodes x nproc_per_node. `max_attempts` caps the attempts the service starts (lost
     workers and retryable crashes count; deploy hand-backs do not); None = the server default."""
 
+    nnodes: int = _omitted_at_default(1, ge=1, le=64)
     nproc_per_node: int = Field(default=1, ge=1, le=64)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_workers: int = Field(default=2, ge=0, le=64)

@@ -1,4 +1,5 @@
-"""The reconciler: repair what a lost worker or a lost message left behind.
+"""The reconciler: repair what a lost worker or a lost message left behind, and start the jobs
+on several nodes whose workers are all free (store.db.placement).
 
 Torch-free on purpose: it also runs as `tid reconcile --loop` in the API image. Every change is
 a conditional transition and a re-sent message is a no-op for a job that is already claimed,
@@ -13,10 +14,10 @@ from datetime import datetime, timedelta
 
 from sqlalchemy.orm import Session
 
-from store.db import sends, transitions
+from store.db import placement, sends, transitions, workers
 from store.db.models import Dataset, Job, Model
 from store.db.session import session_scope
-from store.queue import RUN_JOB, TASK_FOR_ROW, enqueue, queue_length
+from store.queue import RUN_JOB, TASK_FOR_ROW, enqueue, queue_length, send_node
 from store.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -28,9 +29,48 @@ def _send_all(settings: Settings, job_ids: list[str]) -> int:
     return sum(enqueue(settings, RUN_JOB, job_id) for job_id in job_ids)
 
 
+def _place(settings: Settings) -> int:
+    """Free the workers whose node is gone, start the gangs that can form (store.db.placement),
+    and send each node its task on its worker's queue; how many jobs were placed."""
+    with session_scope(settings.database_url) as session:
+        freed = workers.release_stale(session)
+        placed = placement.place(
+            session,
+            heartbeat_seconds=settings.heartbeat_seconds,
+            lease_seconds=settings.lease_seconds,
+        )
+    if freed:
+        log.warning("workers idle again, their node gone: %s", freed)
+    for gang in placed:
+        log.info(
+            "job %s: placed on %s (node 0, the rendezvous host: %s)",
+            gang.job_id,
+            list(gang.workers),
+            gang.workers[0],
+        )
+        sent = [
+            send_node(settings, q, gang.job_id, gang.token, r) for r, q in enumerate(gang.queues)
+        ]
+        if not all(sent):
+            _unplace(settings, gang)
+    return len(placed)
+
+
+def _unplace(settings: Settings, gang: placement.Placed) -> None:
+    """A node's message could not be sent: the job goes back to the queue at once, as a
+    hand-back (no attempt of it trained), and its workers are free; the nodes sent find the
+    attempt over."""
+    reason = "a node's message could not be sent (the broker refused it)"
+    with session_scope(settings.database_url) as session:
+        transitions.requeue(session, gang.job_id, token=gang.token, reason=reason, handback=True)
+        for name in gang.workers:
+            workers.release(session, name, gang.job_id)
+
+
 def reconcile(*, settings: Settings) -> dict[str, int]:
     """One pass. Returns counts: jobs requeued, failed and cancelled (lost leases), messages
-    resent, and datasets and models expired (failed for waiting too long)."""
+    resent, datasets and models expired (failed for waiting too long), and jobs on several
+    nodes placed."""
     counts: Counter[str] = Counter()
     requeued: list[str] = []
     with session_scope(settings.database_url) as session:
@@ -43,17 +83,19 @@ def reconcile(*, settings: Settings) -> dict[str, int]:
                 continue
             log.warning("job %s: lease of %s expired; now %s", job.id, owner, state)
             counts[state] += 1
-            if state == "queued":
+            if state == "queued" and job.nnodes == 1:  # a gang is placed, not sent
                 requeued.append(job.id)
     _send_all(settings, requeued)
     due, expired = _lost_messages(settings)
     counts["resent"] = sum(enqueue(settings, TASK_FOR_ROW[kind], row_id) for kind, row_id in due)
+    placed = _place(settings)
     return {
         "requeued": counts["queued"],
         "failed": counts["failed"],
         "cancelled": counts["cancelled"],
         "resent": counts["resent"],
         "expired": expired,
+        "placed": placed,
     }
 
 

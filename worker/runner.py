@@ -10,6 +10,14 @@ without a confirmed renewal, whatever the supervising thread is blocked on.
 A trainer that ends is an outcome worth keeping: the worker writes it (with the last events) as
 long as nobody claimed the job again, though the lease ran out while the database was away;
 and an attempt that finds its run dir already trained to the end records that at once.
+
+A job on several nodes (`resources.nnodes`) is a gang: the reconciler claims it for several
+workers at once (store.db.placement) and sends each its node (`run_node`). A job on one node is
+a gang of one that its worker claims itself (`run_job`); both then run the same attempt. Every
+node renews its own lease and watches the job's claim token and cancel flag; node 0 alone
+renews the job's lease, ingests the events and records the outcome. Another node records only
+a hand-back (the whole job goes back) or, when its trainer failed, that its lease ends now, so
+that the reconciler re-queues the whole gang as one attempt.
 """
 
 from __future__ import annotations
@@ -32,12 +40,12 @@ from typing import Protocol
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from store.db import transitions
-from store.db.models import Job, JobEvent, utcnow
+from store.db import sends, transitions, workers
+from store.db.models import Job, JobEvent, JobNode, utcnow
 from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.queue import RUN_JOB, enqueue
 from store.settings import Settings
-from tid_core.launch import terminate_with_parent, torchrun_command
+from tid_core.launch import Rendezvous, terminate_with_parent, torchrun_command
 from tid_core.spec import JobSpec
 from worker.db_retry import retrying
 from worker.finished_run import finished_run
@@ -82,6 +90,29 @@ class _Run:
     leased_at: (
         float  # time.monotonic() before the claim: the lease and the run time count from here
     )
+    rank: int = 0  # this node's, of the job's `nnodes`
+    nnodes: int = 1
+    address: str = ""  # this node's, as the others reach it
+    master: str = ""  # node 0's address: the rendezvous
+
+    @property
+    def records(self) -> bool:
+        """Node 0 ingests the events and records the outcome."""
+        return self.rank == 0
+
+    def file(self, name: str, suffix: str) -> Path:
+        """A file of this node in the (shared) run dir: `spec.json`, `train.log` for node 0,
+        `spec.node1.json`... for the others."""
+        node = f".node{self.rank}" if self.rank else ""
+        return self.run_dir / f"{name}{node}.{suffix}"
+
+    def rendezvous(self) -> Rendezvous | None:
+        """torchrun's c10d rendezvous on node 0, one per attempt; None on one node."""
+        if self.nnodes == 1:
+            return None
+        endpoint = f"{self.master}:{self.settings.rendezvous_port}"
+        run_id = f"{self.job_id}-{self.attempt}"
+        return Rendezvous(self.nnodes, endpoint, run_id, self.address, host=self.rank == 0)
 
 
 @dataclass(frozen=True)
@@ -144,23 +175,92 @@ class _Progress:
 
 
 def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) -> None:
-    """Claim and run `job_id` to a final state; a job that is not queued is left alone.
+    """Claim and run `job_id` (a job on one node) to a final state; a job that is not queued
+    is left alone, and so is one while this worker is reserved for a gang (it is sent again).
 
     `shutdown` set (this worker is going away) stops the trainer, which checkpoints, and hands
     the job back to the queue so that another worker resumes it.
     """
-    shutdown = shutdown or threading.Event()
     worker = worker_name(settings)
     leased_at = time.monotonic()
     with session_scope(settings.database_url) as session:
         token = transitions.claim(
-            session, job_id, worker=worker, lease_seconds=settings.lease_seconds
+            session,
+            job_id,
+            worker=worker,
+            lease_seconds=settings.lease_seconds,
+            nodes=[(worker, settings.worker_address)],
         )
+        if token is not None and workers.occupy(session, worker, job_id) is False:
+            session.rollback()
+            sends.unsend(session, job_id)
+            log.info("job %s: not claimed, this worker is reserved for a gang", job_id)
+            return
         if token is None:
             log.info("job %s: nothing to claim (taken by another delivery, or final)", job_id)
             return
         attempt = session.get_one(Job, job_id).attempt
     run = _Run(job_id, attempt, worker, token, settings.jobs_dir / job_id, settings, leased_at)
+    try:
+        _attempt(run, shutdown or threading.Event())
+    finally:
+        _release(run)
+
+
+def run_node(
+    job_id: str, token: str, rank: int, *, settings: Settings, shutdown: Flag | None = None
+) -> None:
+    """Run node `rank` of the attempt of `job_id` that the claim `token` placed on this
+    worker; an attempt that is over, or another worker's node, is left alone."""
+    worker = worker_name(settings)
+    leased_at = time.monotonic()
+    with session_scope(settings.database_url) as session:
+        job = session.get_one(Job, job_id)
+        nodes = {
+            node.node_rank: node
+            for node in session.scalars(
+                select(JobNode).where(JobNode.job_id == job_id, JobNode.attempt == job.attempt)
+            )
+        }
+        mine = nodes.get(rank)
+        if job.state != "running" or job.claim_token != token or mine is None:
+            log.info("job %s: node %d's attempt is over; nothing to run", job_id, rank)
+            workers.release(session, worker, job_id)
+            return
+        if mine.worker != worker:
+            log.warning("job %s: node %d is %s's, not this worker's", job_id, rank, mine.worker)
+            return
+        run = _Run(
+            job_id,
+            job.attempt,
+            worker,
+            token,
+            settings.jobs_dir / job_id,
+            settings,
+            leased_at,
+            rank=rank,
+            nnodes=len(nodes),
+            address=mine.address,
+            master=nodes[0].address,
+        )
+    try:
+        _attempt(run, shutdown or threading.Event())
+    finally:
+        _release(run)
+
+
+def _release(run: _Run) -> None:
+    """This worker is free again (a worker without a registry row has nothing to free)."""
+    try:
+        with session_scope(run.settings.database_url) as session:
+            workers.release(session, run.worker, run.job_id)
+    except TRANSIENT_ERRORS as exc:  # the reconciler frees it once its node's lease is gone
+        log.warning("job %s: could not mark this worker idle: %s", run.job_id, exc)
+
+
+def _attempt(run: _Run, shutdown: Flag) -> None:
+    """Run this node's part of an attempt that is claimed, to its end."""
+    job_id, settings = run.job_id, run.settings
     if finished_run(run.run_dir) is not None:
         log.warning(
             "job %s: the run dir holds a run trained to its end whose outcome was never "
@@ -176,7 +276,7 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     except ValueError as exc:  # ResolveError and pydantic's ValidationError
         _record(run, _Outcome("failed", f"cannot run this spec: {exc}"))
         return
-    log.info("job %s: attempt %d on %s", job_id, run.attempt, worker)
+    log.info("job %s: attempt %d, node %d, on %s", job_id, run.attempt, run.rank, run.worker)
     runtime = _RunTime.of(spec, settings, used)
     if shutdown.is_set():
         _record(run, _Outcome("queued", SHUTDOWN_REASON, handback=True))
@@ -184,7 +284,7 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     if runtime.left_seconds <= 0:
         _record(run, _Outcome("failed", runtime.exceeded))
         return
-    if time.monotonic() >= leased_at + settings.lease_seconds:  # the database was that slow
+    if time.monotonic() >= run.leased_at + settings.lease_seconds:  # the database was that slow
         log.warning("job %s: the lease ran out before the trainer started", job_id)
         return
     try:
@@ -202,19 +302,24 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
 def _start(run: _Run, spec: JobSpec) -> subprocess.Popen[bytes]:
     """torchrun in a new session (its own process group), output appended to train.log."""
     run.run_dir.mkdir(parents=True, exist_ok=True)
-    spec_path = run.run_dir / "spec.json"
-    tmp = spec_path.with_name("spec.json.tmp")
+    spec_path = run.file("spec", "json")  # a file per node: the nodes write at once
+    tmp = spec_path.with_name(f"{spec_path.name}.tmp")
     tmp.write_text(json.dumps(spec.model_dump(mode="json"), indent=2) + "\n")
     tmp.replace(spec_path)
     nproc = spec.resources.nproc_per_node
     env = dict(os.environ)
+    gpus = run.settings.gpu_ids
+    if gpus:  # the trainer sees only the devices it was given
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[:nproc])
     env.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // nproc)))
     # spin-waiting OpenMP threads stall CPU training by up to 6x when the cores are shared
     # with the data loaders and the worker (bench/ddp.py, docs/BENCHMARKS.md)
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    cmd = torchrun_command(spec_path, run.run_dir, nproc=nproc)
-    with (run.run_dir / "train.log").open("ab") as out:
-        out.write(f"--- attempt {run.attempt} on {run.worker} at {utcnow():%FT%TZ}\n".encode())
+    cmd = torchrun_command(spec_path, run.run_dir, nproc=nproc, rendezvous=run.rendezvous())
+    with run.file("train", "log").open("ab") as out:
+        node = f", node {run.rank} of {run.nnodes}" if run.nnodes > 1 else ""
+        started = f"--- attempt {run.attempt}{node} on {run.worker} at {utcnow():%FT%TZ}\n"
+        out.write(started.encode())
         out.flush()
         return subprocess.Popen(
             cmd,
@@ -226,8 +331,26 @@ def _start(run: _Run, spec: JobSpec) -> subprocess.Popen[bytes]:
         )
 
 
+def _renew(session: Session, run: _Run) -> bool:
+    """Renew this node's lease, and on node 0 the job's; False: the claim is gone."""
+    lease = run.settings.lease_seconds
+    node = transitions.renew_node(
+        session,
+        run.job_id,
+        token=run.token,
+        attempt=run.attempt,
+        rank=run.rank,
+        lease_seconds=lease,
+    )
+    if not run.records:
+        return node
+    # a job claimed before nodes had rows (an upgrade meanwhile) has none to renew
+    return transitions.renew_lease(session, run.job_id, token=run.token, lease_seconds=lease)
+
+
 def _sync(run: _Run, *, renew: bool) -> tuple[bool, bool]:
-    """One database round: check (and renew) the lease, ingest new events, read the cancel flag.
+    """One database round: check (and renew) the lease, ingest new events (node 0), read the
+    cancel flag.
 
     Returns (lease still held, cancel requested). Events are ingested only under the lease.
     """
@@ -237,12 +360,11 @@ def _sync(run: _Run, *, renew: bool) -> tuple[bool, bool]:
         ).one()
         held = state == "running" and token == run.token
         if held and renew:
-            held = transitions.renew_lease(
-                session, run.job_id, token=run.token, lease_seconds=run.settings.lease_seconds
-            )
+            held = _renew(session, run)
         if not held:
             return False, False
-        ingest_events(session, run.job_id, run_dir=run.run_dir, attempt=run.attempt)
+        if run.records:
+            ingest_events(session, run.job_id, run_dir=run.run_dir, attempt=run.attempt)
         return True, bool(cancel)
 
 
@@ -349,6 +471,12 @@ def _conclude(run: _Run, returncode: int, stop: str | None, runtime: _RunTime) -
         _record(run, _Outcome("succeeded"))
     elif stop == "lease_lost":
         log.warning("job %s: not recording an outcome: the lease is gone", run.job_id)
+    elif not run.records:  # node 0 reads the error events; this node says only how it ended
+        ended = "succeeded" if returncode == 0 else "failed"
+        _record(
+            run,
+            _Outcome("queued", SHUTDOWN_REASON, True) if stop == "shutdown" else _Outcome(ended),
+        )
     else:
         _record(run, lambda session: _outcome(session, run, returncode, stop, runtime))
 
@@ -412,6 +540,10 @@ def _record(run: _Run, outcome: _Outcome | Callable[[Session], _Outcome]) -> Non
             )
             return (decided, True) if done else None
 
+    if not run.records:
+        if not callable(outcome):
+            _end_node(run, outcome)
+        return
     recorded = retrying(run.settings, f"job {run.job_id}", "recording the outcome", write)
     if recorded is None:
         log.warning("job %s: not recording an outcome: claimed again since, or final", run.job_id)
@@ -419,8 +551,31 @@ def _record(run: _Run, outcome: _Outcome | Callable[[Session], _Outcome]) -> Non
     decided, requeued = recorded
     message = f" ({decided.message})" if decided.message else ""
     log.info("job %s: %s%s", run.job_id, decided.state, message)
-    if requeued:
+    if requeued and run.nnodes == 1:  # a gang is placed again by the reconciler
         enqueue(run.settings, RUN_JOB, run.job_id)
+
+
+def _end_node(run: _Run, outcome: _Outcome) -> None:
+    """How a node other than 0 ends its part: a hand-back sends the whole job back to the
+    queue; a trainer that ended well frees the node's lease; any other end makes it run out now,
+    so that the reconciler re-queues the gang unless node 0 records the attempt first."""
+
+    def write() -> bool:
+        with session_scope(run.settings.database_url) as session:
+            if outcome.handback:
+                return transitions.requeue(
+                    session,
+                    run.job_id,
+                    token=run.token,
+                    reason=outcome.message or "",
+                    handback=True,
+                )
+            done = outcome.state == "succeeded"
+            transitions.end_node(session, run.job_id, attempt=run.attempt, rank=run.rank, done=done)
+            return done
+
+    retrying(run.settings, f"job {run.job_id}", f"ending node {run.rank}", write)
+    log.info("job %s: node %d ended (%s)", run.job_id, run.rank, outcome.state)
 
 
 def _failure(session: Session, run: _Run, returncode: int) -> tuple[str, bool]:

@@ -19,9 +19,10 @@ from typing import Any, TypeVar
 from celery import shared_task
 
 from store.db.session import TRANSIENT_ERRORS
-from store.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB
+from store.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB, RUN_NODE
 from store.settings import get_settings
 from worker import resources, runner
+from worker.registry import checking
 from worker.shutdown import shutdown_event
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,20 @@ def run_job(job_id: str) -> None:
         runner.run_job(job_id, settings=get_settings(), shutdown=shutdown)
 
 
+@_task(RUN_NODE)
+def run_node(job_id: str, token: str, rank: int) -> None:
+    # on a worker shutting down too: the node hands the whole job back at once
+    with shutdown_event() as shutdown:
+        runner.run_node(job_id, token, rank, settings=get_settings(), shutdown=shutdown)
+
+
 @_task(PREPARE_DATASET)
 def prepare_dataset(dataset_id: str) -> None:
-    resources.prepare_dataset(dataset_id, settings=get_settings())
+    with checking(get_settings()):
+        resources.prepare_dataset(dataset_id, settings=get_settings())
 
 
 @_task(CHECK_MODEL)
 def check_model(model_id: str) -> None:
-    resources.check_model(model_id, settings=get_settings())
+    with checking(get_settings()):
+        resources.check_model(model_id, settings=get_settings())

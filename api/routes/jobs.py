@@ -129,6 +129,7 @@ def _create_job(
         spec=checked_spec(session, settings, spec, owner=owner).model_dump(mode="json"),
         method=spec.distill.method,
         max_attempts=spec.resources.max_attempts or settings.max_attempts,
+        nnodes=spec.resources.nnodes,
     )
     session.add(job)
     session.flush()
@@ -144,7 +145,9 @@ def _create_job(
         if earlier is None:
             raise
         return earlier  # a concurrent request with the same key committed first
-    enqueue(settings, RUN_JOB, job.id)  # if it is lost, the reconciler re-sends queued jobs
+    if job.nnodes == 1:  # if it is lost, the reconciler re-sends queued jobs
+        enqueue(settings, RUN_JOB, job.id)
+    # else the reconciler places it on workers that are all free at once (store.db.placement)
     return job
 
 

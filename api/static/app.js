@@ -332,6 +332,8 @@ async function jobPage(view, jobId) {
   let gradRatio = null;  // the distillation/detection gradient ratio a distillation job measured
   const eta = new Eta(job);
   const etaFact = el("span", { id: "eta-fact" }, "eta ", el("b", { id: "eta" }, eta.text()));
+  // a job on several workers: its spec's resources.nnodes (left out of the spec at 1)
+  const nodes = (resources) => resources?.nnodes ?? 1;
   const showEta = () => { etaFact.lastChild.textContent = eta.text(); };
   function showFacts() {
     cancel.disabled = FINAL.includes(current.state);
@@ -342,6 +344,10 @@ async function jobPage(view, jobId) {
       el("span", {}, "student ", el("b", {}, modelName(current.spec.student))),
       el("span", {}, "step ", el("b", { id: "step" }, `${current.step}/${current.total_steps ?? "?"}`)),
       el("span", {}, "attempt ", el("b", {}, `${current.attempt} of ${current.max_attempts}`)),
+      nodes(current.spec.resources) > 1
+        ? el("span", {}, "nodes ", el("b", {}, `${nodes(current.spec.resources)} × ${current.spec.resources.nproc_per_node ?? 1}`))
+        : [],
+      current.waiting_reason ? el("span", {}, "waiting ", el("b", {}, current.waiting_reason)) : [],
       el("span", {}, "best mAP ", el("b", { id: "best-ap" }, fmt(current.best_ap))),
       el("span", {}, "duration ", el("b", {}, duration(current))),
       gradRatio === null ? []

@@ -111,8 +111,45 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # the spec's resources.nnodes, for the queries that place jobs (store/db/placement.py)
+    nnodes: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    # why a queued job on several nodes has not started (its gang cannot form); cleared on claim
+    waiting_reason: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_jobs_owner_created", "owner", "created_at", "id"),)
+
+
+class Worker(Base):
+    """A worker process in the registry (store/db/workers.py): where a job's node can run.
+
+    It writes its row when it starts and its heartbeat while it lives, on the database's clock;
+    it is alive while that heartbeat is recent. `busy` with `job_id` from a claim, or from a
+    gang placement that reserved it, until its job or node ends."""
+
+    __tablename__ = "workers"
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    queue: Mapped[str] = mapped_column(String(256))  # its own: where its nodes are sent
+    address: Mapped[str] = mapped_column(String(256))  # where the other nodes reach it
+    device: Mapped[str] = mapped_column(String(8))  # cpu | cuda
+    gpus: Mapped[list[Any]] = mapped_column(JSON)  # device ids it gives its jobs
+    state: Mapped[str] = mapped_column(String(16), default="idle")  # idle | busy
+    job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+    heartbeat_at: Mapped[datetime]
+    started_at: Mapped[datetime]
+
+
+class JobNode(Base):
+    """One node of one attempt of a job: the worker that runs it and that node's lease (the
+    database's clock). Rank 0's address is the attempt's rendezvous."""
+
+    __tablename__ = "job_nodes"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_rank: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str] = mapped_column(String(128))
+    address: Mapped[str] = mapped_column(String(256))
+    # None: the node's trainer ended well, and it holds the job no longer
+    lease_expires: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Metric(Base):

@@ -10,7 +10,8 @@ process died first), which the row shows; or the broker lost it (a restart witho
 persistence, a worker that took it and dropped it), which shows as a queue that holds fewer
 messages than rows wait with one sent. The reconciler (`worker.reconcile`) re-sends on those
 two signs only: re-sending on age alone added a message per job per pass to a backlog that
-was merely slow.
+was merely slow. A job on several nodes is never sent on the service queue (the reconciler
+places it, `store.db.placement`): it is no waiting row here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import TypeAlias
 
-from sqlalchemy import ColumnElement, func, not_, select, update
+from sqlalchemy import ColumnElement, and_, func, not_, select, update
 from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from store.db.models import Dataset, Job, Model
@@ -29,7 +30,9 @@ KINDS: tuple[Waiting, ...] = (Job, Dataset, Model)
 
 
 def _waiting(kind: Waiting) -> ColumnElement[bool]:
-    return kind.state == ("queued" if kind is Job else "pending")
+    if kind is Job:
+        return and_(Job.state == "queued", Job.nnodes == 1)
+    return kind.state == "pending"
 
 
 def _since(kind: Waiting) -> InstrumentedAttribute[datetime]:
@@ -51,6 +54,14 @@ def record_sent(session: Session, kind: Waiting, row_id: str) -> None:
         update(kind)
         .where(kind.id == row_id)
         .values(last_sent_at=db_now(session), send_count=kind.send_count + 1)
+    )
+
+
+def unsend(session: Session, job_id: str) -> None:
+    """A queued job's message was taken but not acted on (its worker was reserved for a gang):
+    it waits unsent, so the reconciler sends it again."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.state == "queued").values(last_sent_at=None)
     )
 
 

@@ -12,14 +12,15 @@ clock only, so hosts whose clocks disagree still agree on when a lease ends.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, case, func, select, update
+from sqlalchemy import ColumnElement, CursorResult, and_, case, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from store.db.models import FINAL_STATES, Job, JobEvent, new_id, utcnow
+from store.db.models import FINAL_STATES, Job, JobEvent, JobNode, new_id, utcnow
 
 
 def db_now(session: Session) -> datetime:
@@ -69,13 +70,23 @@ def transition(
     return applied
 
 
-def claim(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> str | None:
-    """queued -> running for `worker`, with a fresh lease and the next attempt number.
+def claim(
+    session: Session,
+    job_id: str,
+    *,
+    worker: str,
+    lease_seconds: int,
+    nodes: Sequence[tuple[str, str]] = (),
+) -> str | None:
+    """queued -> running for `worker`, with a fresh lease and the next attempt number, and a
+    `job_nodes` row with a lease of its own for each of the attempt's `nodes` ((worker,
+    address) by node rank; default: `worker` alone, a job on one node).
 
     Returns the new claim's token (None: nothing to claim), which the holder's writes name.
     """
     now = db_now(session)
     token = new_id()
+    expires = now + timedelta(seconds=lease_seconds)
     claimed = transition(
         session,
         job_id,
@@ -84,10 +95,25 @@ def claim(session: Session, job_id: str, *, worker: str, lease_seconds: int) -> 
         attempt=Job.attempt + 1,
         lease_owner=worker,
         claim_token=token,
-        lease_expires=now + timedelta(seconds=lease_seconds),
+        lease_expires=expires,
         started_at=now,
+        waiting_reason=None,
     )
-    return token if claimed else None
+    if not claimed:
+        return None
+    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+    for rank, (name, address) in enumerate(nodes or [(worker, "")]):
+        session.add(
+            JobNode(
+                job_id=job_id,
+                attempt=attempt,
+                node_rank=rank,
+                worker=name,
+                address=address,
+                lease_expires=expires,
+            )
+        )
+    return token
 
 
 def renew_lease(session: Session, job_id: str, *, token: str, lease_seconds: int) -> bool:
@@ -98,6 +124,44 @@ def renew_lease(session: Session, job_id: str, *, token: str, lease_seconds: int
         .values(lease_expires=db_now(session) + timedelta(seconds=lease_seconds))
     )
     return isinstance(result, CursorResult) and result.rowcount == 1
+
+
+def _holds(job_id: str, token: str) -> ColumnElement[bool]:
+    return exists().where(Job.id == job_id, Job.state == "running", Job.claim_token == token)
+
+
+def renew_node(
+    session: Session, job_id: str, *, token: str, attempt: int, rank: int, lease_seconds: int
+) -> bool:
+    """Extend one node's lease while its claim still holds the running job (and the node has
+    not ended); False means: stop now."""
+    result = session.execute(
+        update(JobNode)
+        .where(
+            JobNode.job_id == job_id,
+            JobNode.attempt == attempt,
+            JobNode.node_rank == rank,
+            JobNode.lease_expires.is_not(None),
+            _holds(job_id, token),
+        )
+        .values(lease_expires=db_now(session) + timedelta(seconds=lease_seconds))
+    )
+    return isinstance(result, CursorResult) and result.rowcount == 1
+
+
+def end_node(session: Session, job_id: str, *, attempt: int, rank: int, done: bool) -> None:
+    """A node's part of an attempt ended: well (`done`: it needs no lease any more), or not (its
+    lease expires now, so that the reconciler re-queues the whole gang)."""
+    session.execute(
+        update(JobNode)
+        .where(
+            JobNode.job_id == job_id,
+            JobNode.attempt == attempt,
+            JobNode.node_rank == rank,
+            JobNode.lease_expires.is_not(None),
+        )
+        .values(lease_expires=None if done else db_now(session))
+    )
 
 
 def claimed_by(session: Session, job_id: str, token: str) -> str | None:
@@ -207,10 +271,19 @@ def request_cancel(session: Session, job_id: str) -> bool:
     return True
 
 
+def _node_expired(now: datetime) -> ColumnElement[bool]:
+    """A node of the job's current attempt whose lease ran out."""
+    return exists().where(
+        JobNode.job_id == Job.id, JobNode.attempt == Job.attempt, JobNode.lease_expires < now
+    )
+
+
 def expired_leases(session: Session) -> list[Job]:
-    """Running jobs whose lease ran out by the database's clock."""
+    """Running jobs whose lease, or the lease of one of their nodes, ran out by the database's
+    clock: a gang is lost as one when any node is."""
     now = db_now(session)
-    return list(session.scalars(select(Job).where(Job.state == "running", Job.lease_expires < now)))
+    expired = or_(Job.lease_expires < now, _node_expired(now))
+    return list(session.scalars(select(Job).where(Job.state == "running", expired)))
 
 
 def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> str | None:
@@ -224,16 +297,20 @@ def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> st
     """
     now = db_now(session)
     # still the claim that was seen expired (a NULL token: claimed before claims had tokens)
-    lost = and_(Job.lease_expires < now, Job.claim_token.is_not_distinct_from(job.claim_token))
+    lost = and_(
+        or_(Job.lease_expires < now, _node_expired(now)),
+        Job.claim_token.is_not_distinct_from(job.claim_token),
+    )
     if job.cancel_requested:
         done = transition(
             session, job.id, from_="running", to="cancelled", where=lost, finished_at=now
         )
         return "cancelled" if done else None
-    lost_how = f"worker {job.lease_owner} lost (lease expired)"
+    lost_how = _lost_how(session, job, now)
     if attempts_left(job) <= 0:
         error = f"{lost_how} on attempt {job.attempt - job.handbacks} of {job.max_attempts}"
-        given_up = and_(lost, Job.lease_expires < now - timedelta(seconds=fail_after_seconds))
+        grace = now - timedelta(seconds=fail_after_seconds)
+        given_up = and_(lost, or_(Job.lease_expires < grace, _node_expired(grace)))
         done = transition(
             session,
             job.id,
@@ -254,3 +331,18 @@ def requeue_lost(session: Session, job: Job, *, fail_after_seconds: float) -> st
         **_back_in_queue(now),
     )
     return "queued" if done else None
+
+
+def _lost_how(session: Session, job: Job, now: datetime) -> str:
+    """Which worker was lost: the job's (its lease), or those of the nodes whose lease ran out."""
+    if job.nnodes <= 1:
+        return f"worker {job.lease_owner} lost (lease expired)"
+    nodes = session.execute(
+        select(JobNode.node_rank, JobNode.worker)
+        .where(
+            JobNode.job_id == job.id, JobNode.attempt == job.attempt, JobNode.lease_expires < now
+        )
+        .order_by(JobNode.node_rank)
+    ).all()
+    lost = ", ".join(f"node {rank} on worker {worker}" for rank, worker in nodes)
+    return f"{lost or f'worker {job.lease_owner}'} lost (lease expired)"

@@ -176,6 +176,9 @@ def test_each_node_gets_the_rendezvous_flags_of_its_part() -> None:
     assert "--rdzv-conf=is_host=1" in args[0] and "--rdzv-conf=is_host=0" in args[1]
     assert "--local-addr=10.0.0.3" in args[1] and "--rdzv-id=job-1" in args[1]
     assert "--standalone" in torchrun_command(Path("s.json"), Path("run"), nproc=2)
+    # two nodes on one host (one worker per GPU) share its address: node 0 alone hosts
+    same = [Rendezvous(2, "10.0.0.2:29400", "job-1", "10.0.0.2", host=r == 0) for r in (0, 1)]
+    assert [r.hosts_store for r in same] == [True, False]
 
 
 def test_the_interface_toward_an_address_is_the_one_that_holds_the_route_source() -> None:

@@ -100,6 +100,24 @@ def test_spec_hash_is_stable_under_key_order_and_spelled_out_defaults() -> None:
     assert JobSpec.model_validate_json(json.dumps(FULL)).spec_hash() == first
 
 
+def test_a_spec_on_one_node_keeps_the_hash_it_had_before_nnodes_existed() -> None:
+    # computed before `resources.nnodes` existed: stored idempotency hashes and checkpoints
+    # of jobs on one node still match
+    default = {"dataset": {"builtin": "shapes"}}
+    assert JobSpec.model_validate(default).spec_hash() == (
+        "5083d6071e65df7dd5833e06db14b8a244148984031ab7f898c7b407081c6491"
+    )
+    two_procs = {**default, "resources": {"nproc_per_node": 2, "device": "cpu", "nnodes": 1}}
+    assert JobSpec.model_validate(two_procs).spec_hash() == (
+        "10d839f009d033877289a7c8059147c7c77d97f58a61fc6f30e340abaec86057"
+    )
+    assert "nnodes" not in JobSpec.model_validate(two_procs).model_dump(mode="json")["resources"]
+    two_nodes = JobSpec.model_validate({**default, "resources": {"nnodes": 2}})
+    assert two_nodes.model_dump(mode="json")["resources"]["nnodes"] == 2
+    assert two_nodes.spec_hash() != JobSpec.model_validate(default).spec_hash()
+    assert "resources.nnodes" in rejection({**default, "resources": {"nnodes": 0}})
+
+
 @pytest.mark.parametrize(
     "change",
     [

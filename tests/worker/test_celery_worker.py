@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 from worker_support import MakeJob, queued_messages, read_job, tiny_spec
 
-from store.db.models import Job, JobEvent
+from store.db.models import Job, JobEvent, JobNode, Worker
 from store.db.session import session_scope
 from store.queue import RUN_JOB, send
 from store.settings import Settings
@@ -109,3 +109,38 @@ def test_sigterm_hands_the_job_back_and_another_worker_resumes_it(
     # ...and its pool child is not killed by a signal (one idle in billiard's blocking pool
     # can die holding the task-queue lock and hang the worker's exit: docs/RELIABILITY.md)
     assert "exited with 'signal" not in (tmp_path / "w2.log").read_text()
+
+
+@pytest.mark.parametrize("pool", ["prefork", "solo"])
+def test_a_worker_keeps_its_registry_row_under_one_name_while_it_runs(
+    settings: Settings, make_job: MakeJob, start_worker: StartWorker, tmp_path: Path, pool: str
+) -> None:
+    worker = start_worker("w1", pool)
+    deadline = time.monotonic() + 60
+    while not (rows := registered(settings)):
+        assert time.monotonic() < deadline, (tmp_path / "w1.log").read_text()[-3000:]
+        time.sleep(0.2)
+    ((name, queue, device, state),) = rows
+    assert (queue, device, state) == (f"{settings.queue}.node.{name}", "cpu", "idle")
+    assert name.endswith(f"-{worker.pid}")  # the main process's pid: hostname-pid
+
+    job_id = make_job()
+    send(settings, RUN_JOB, job_id)
+    job = wait_for(settings, job_id, lambda j: j.state == "succeeded", tmp_path)
+    with session_scope(settings.database_url) as session:
+        (node,) = session.scalars(select(JobNode).where(JobNode.job_id == job_id)).all()
+    assert node.worker == name  # the pool process that ran it claimed under the same name
+    assert job.attempt == 1
+    deadline = time.monotonic() + 30  # idle again once the task returns
+    while registered(settings)[0][3] != "idle":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+    assert stop(worker) == 0
+    assert registered(settings) == []  # gone: no job is placed on it
+
+
+def registered(settings: Settings) -> list[tuple[str, str, str, str]]:
+    with session_scope(settings.database_url) as session:
+        rows = session.execute(select(Worker.name, Worker.queue, Worker.device, Worker.state))
+        return [tuple(row) for row in rows]  # type: ignore[misc]

@@ -16,7 +16,7 @@ from store.queue import CHECK_MODEL, PREPARE_DATASET, RUN_JOB, enqueue, make_cel
 from store.settings import Settings
 from worker.reconcile import reconcile
 
-NOTHING = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "expired": 0}
+NOTHING = {"requeued": 0, "failed": 0, "cancelled": 0, "resent": 0, "expired": 0, "placed": 0}
 
 
 def lost_job(

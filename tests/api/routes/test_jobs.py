@@ -86,6 +86,23 @@ def test_submit_job_is_202_with_location_and_queued_row(
     assert sent == [(RUN_JOB, (body["id"],))]
 
 
+def test_a_job_on_several_nodes_is_not_sent_and_shows_why_it_waits(
+    client: TestClient, owner_headers: dict[str, str], db: Session, sent: Sent
+) -> None:
+    spec = {**SPEC, "resources": {"nnodes": 2}}
+    body = client.post("/v1/jobs", json=spec, headers=owner_headers).json()
+    assert body["spec"]["resources"]["nnodes"] == 2 and body["waiting_reason"] is None
+    assert sent == []  # the reconciler places it on workers all free at once
+    job = db.get_one(Job, body["id"])
+    assert job.nnodes == 2
+    job.waiting_reason = "waiting for 2 workers; 1 idle"  # what a placement pass writes
+    db.commit()
+    shown = client.get(f"/v1/jobs/{body['id']}", headers=owner_headers).json()
+    assert shown["waiting_reason"] == "waiting for 2 workers; 1 idle"
+    (listed,) = client.get("/v1/jobs", headers=owner_headers).json()["data"]
+    assert listed["waiting_reason"] == "waiting for 2 workers; 1 idle"
+
+
 def test_submit_job_sends_task_after_commit(
     client: TestClient,
     owner_headers: dict[str, str],

@@ -56,6 +56,13 @@ def _count(db: Session, table: type[Any]) -> int:
             "'resources', 'nproc_per_node'",
         ),
         (
+            "max_nnodes",
+            _with(SPEC, resources={"nnodes": 3}),
+            2,
+            "resources.nnodes is 3, over this server's limit of 2",
+            "'resources', 'nnodes'",
+        ),
+        (
             "max_num_workers",
             _with(SPEC, resources={"num_workers": 5}),
             4,
@@ -77,7 +84,7 @@ def _count(db: Session, table: type[Any]) -> int:
             "'dataset', 'num_train'",
         ),
     ],
-    ids=["nproc", "loader-workers", "job-size", "builtin-size"],
+    ids=["nproc", "nnodes", "loader-workers", "job-size", "builtin-size"],
 )
 def test_a_job_over_a_server_cap_is_422_naming_the_cap_and_its_setting(
     client: TestClient,
@@ -224,6 +231,7 @@ def test_zero_means_no_limit(
         "max_stored_bytes_per_owner",
         "max_event_streams_per_owner",
         "max_nproc_per_node",
+        "max_nnodes",
         "max_num_workers",
         "max_job_images",
         "max_builtin_images",
