@@ -3,9 +3,10 @@
 An attempt is one process tree: torchrun, its workers (which torchrun starts in sessions of
 their own) and their data loader workers (in process groups of their own), or a worker orphaned
 by a dead torchrun. The topmost trainer process of each tree is that attempt's root, so the
-distinct roots are the attempts running at that moment (a loader worker whose trainer just died
-is a root too, until its parent-death signal lands: not an attempt). A sampler thread records
-the largest number it ever saw.
+distinct roots of the trees that still train are the attempts running at that moment. A loader
+worker whose trainer just died is a root too, until its parent-death signal lands, and a
+torchrun whose workers are gone trains nothing (a lost host's, closing its rendezvous after its
+SIGTERM): neither is an attempt. A sampler thread records the largest number it ever saw.
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def _parent(pid: int) -> int | None:
     return None if stat is None else stat[0]
 
 
+def _launcher(pid: int) -> bool:
+    """torchrun itself, which starts the processes that train."""
+    return "torch.distributed.run" in _cmdline(pid)
+
+
 def _loader_worker(pid: int) -> bool:
     """A data loader worker: it leads a process group of its own inside its trainer's session
     (`tid_core.data.coco`), where torchrun and its workers each lead a session."""
@@ -76,11 +82,7 @@ def trainer_processes(run_dir: Path) -> dict[int, int]:
 def rank0_trainer(run_dir: Path) -> int:
     """The pid of the trainer process itself (torchrun's worker): not the launcher, and not
     one of its data loader workers (forks with the same command line)."""
-    trainers = {
-        pid
-        for pid in trainer_processes(run_dir)
-        if "torch.distributed.run" not in " ".join(_cmdline(pid))
-    }
+    trainers = {pid for pid in trainer_processes(run_dir) if not _launcher(pid)}
     pids = [pid for pid in trainers if _parent(pid) not in trainers]
     assert len(pids) == 1, f"expected one trainer process for {run_dir}, found {pids}"
     return pids[0]
@@ -117,9 +119,8 @@ class AttemptWatch:
     def _loop(self) -> None:
         while not self._stop.wait(SAMPLE_SECONDS):
             for run_dir in list(self.run_dirs):
-                # a loader worker is its own root only for the moment between its trainer's
-                # death and its own (the parent-death signal): a dying attempt, not a new one
-                roots = set(trainer_processes(run_dir).values())
+                procs = trainer_processes(run_dir)
+                roots = {root for pid, root in procs.items() if not _launcher(pid)}
                 attempts = {root for root in roots if not _loader_worker(root)}
                 self.most[run_dir] = max(self.most[run_dir], len(attempts))
                 if self._host_of is not None:

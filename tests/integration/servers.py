@@ -36,10 +36,10 @@ def free_port() -> int:
         return port
 
 
-def _wait_port(port: int, *, timeout: float = 30) -> None:
+def _wait_port(port: int, *, host: str = "127.0.0.1", timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        with contextlib.suppress(OSError), socket.create_connection((host, port), 1):
             return
         assert time.monotonic() < deadline, f"nothing listens on port {port}"
         time.sleep(0.05)
@@ -76,22 +76,27 @@ def _initdb_template() -> Path:
 
 
 class PrivatePostgres:
-    """A cluster of its own (a copy of `initdb`'s) run by `pg_ctl` in a temporary folder."""
+    """A cluster of its own (a copy of `initdb`'s) run by `pg_ctl` in a temporary folder,
+    listening on `host` (another address than loopback: trusted from that address's subnet)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         if not PG_BINS:
             missing("PostgreSQL server binaries not installed (/usr/lib/postgresql/*/bin)")
         self.port = free_port()
+        self.host = host
         self.dir = _owned_temp_dir()
         # -a keeps the owner (the server's user) and the 0700 mode, both of which the server checks
         subprocess.run(
             ["cp", "-a", str(_initdb_template()), str(self.dir / "data")], check=True, timeout=60
         )
+        if host != "127.0.0.1":
+            with (self.dir / "data" / "pg_hba.conf").open("a") as hba:
+                hba.write("host all all samenet trust\n")
         self.start()
-        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self.url = f"postgresql://postgres@{host}:{self.port}/postgres"
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        options = f"-p {self.port} -k {self.dir} -c listen_addresses={self.host} -c fsync=off"
         data, log = str(self.dir / "data"), str(self.dir / "server.log")
         _pg_tool("pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "start")
 
@@ -106,26 +111,29 @@ class PrivatePostgres:
 
 
 class PrivateRedis:
-    """`redis-server` without persistence on a free port."""
+    """`redis-server` without persistence on a free port of `host`."""
 
-    def __init__(self, log: Path) -> None:
+    def __init__(self, log: Path, host: str = "127.0.0.1") -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             missing("redis-server is not installed")
         self.port = free_port()
         self.log = log
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.host = host
+        self.url = f"redis://{host}:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
     def start(self) -> None:
         assert self.binary
-        args = ["--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly"]
+        args = ["--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly"]
+        if self.host != "127.0.0.1":  # no password: only the test's hosts reach that address
+            args = ["--protected-mode", "no", *args]
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
                 [self.binary, *args, "no"], stdout=out, stderr=subprocess.STDOUT
             )
-        _wait_port(self.port)
+        _wait_port(self.port, host=self.host)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -139,10 +147,12 @@ class PrivateRedis:
 
 
 @contextlib.contextmanager
-def private_servers(tmp_path: Path) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
-    pg = PrivatePostgres()
+def private_servers(
+    tmp_path: Path, host: str = "127.0.0.1"
+) -> Iterator[tuple[PrivatePostgres, PrivateRedis]]:
+    pg = PrivatePostgres(host)
     try:
-        redis = PrivateRedis(tmp_path / "redis.log")
+        redis = PrivateRedis(tmp_path / "redis.log", host)
         try:
             yield pg, redis
         finally:

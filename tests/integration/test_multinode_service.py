@@ -1,8 +1,10 @@
 """Jobs across several worker hosts through the whole service (issue 24): each worker "host" is
-a network namespace with its own address (bench/netns.py); the API, the reconciler and the
-embedded database and broker are on the machine's file system, which every host shares, as the
-run dirs are (the shared storage a job on several hosts needs). The trainers' rendezvous and
-gloo's traffic go over the hosts' own links.
+a network namespace with its own address (bench/netns.py); PostgreSQL and Redis listen on the
+service host's address (the bridge's, in the machine's own namespace, where the API and the
+reconciler run), which every worker host reaches over its own link; the run dirs are on the
+machine's file system, which every host shares (the shared storage a job on several hosts
+needs). The trainers' rendezvous and gloo's traffic go over the hosts' own links. A gang short
+of workers is checked on the embedded defaults (SQLite, the file-system broker).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from conftest import Stack, running_stack
 from prerequisites import missing
 from processes import AttemptWatch, trainer_processes
+from servers import private_servers
 from service_jobs import assert_nothing_lost, tiny_spec, wait_job
 from sqlalchemy import select
 
@@ -83,8 +86,9 @@ class Hosts:
 
 @pytest.fixture
 def hosts(tmp_path: Path) -> Iterator[Any]:
-    """Start the service and `count` worker hosts (netns: fails in CI where they cannot be
-    made); afterwards nothing runs in them and they are gone."""
+    """Start `count` worker hosts (netns: fails in CI where they cannot be made), PostgreSQL and
+    Redis on the service host's address and the service on them; afterwards nothing runs in the
+    hosts and they are gone."""
     with contextlib.ExitStack() as exits:
 
         def start(count: int) -> Hosts:
@@ -92,7 +96,10 @@ def hosts(tmp_path: Path) -> Iterator[Any]:
                 net = exits.enter_context(netns.hosts(count))
             except netns.NetnsUnavailable as exc:
                 missing(f"network namespaces cannot be made here: {exc}")
-            stack = exits.enter_context(running_stack(tmp_path, **HEARTBEAT))
+            pg, redis = exits.enter_context(private_servers(tmp_path, net.bridge_address))
+            stack = exits.enter_context(
+                running_stack(tmp_path, database_url=pg.url, broker_url=redis.url, **HEARTBEAT)
+            )
             watch = AttemptWatch(
                 host_of=lambda pid: next((h.name for h in net.hosts if h.holds(pid)), None)
             )
