@@ -328,6 +328,40 @@ def check_margin(args: argparse.Namespace, name: str, teacher_ap: float, alone: 
         refuse(args, f"{name}: {problem}")
 
 
+def alone_at_teacher_budget(
+    args: argparse.Namespace, runs: SettingRuns, dataset: dict[str, Any], seeds: Sequence[int]
+) -> list[Job]:
+    """The student alone for the teacher's epochs, its last at the final rate as the teacher's."""
+    return student_jobs(
+        args,
+        {ALONE_AT_TEACHER_BUDGET: METHODS["none"]},
+        runs.recipe,
+        dataset,
+        runs.teacher,
+        seeds,
+        epochs=runs.recipe.teacher_epochs,
+        final_epochs=PLATEAU_EPOCHS,
+    )
+
+
+def check_capacity(
+    pool: ThreadPoolExecutor,
+    args: argparse.Namespace,
+    runs: SettingRuns,
+    record: dict[str, Any],
+    teacher_ap: float,
+    longer: list[Job],
+) -> None:
+    """Refuse before any other run is spent unless the teacher beats the student alone at the
+    teacher's own budget (`longer`): else the teacher is under-trained for its size, and a
+    table would measure training length, not capacity."""
+    found = results(pool, runs.cache, longer, record)[ALONE_AT_TEACHER_BUDGET]
+    alone = statistics.mean(float(r["metrics"]["AP"]) for r in found)
+    check_margin(
+        args, f"{runs.name} (the student alone at the teacher's budget)", teacher_ap, alone
+    )
+
+
 def tuning_trials(quick: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     """Every trial of the tuning grid by name: its method and distill block, in rounds of one
     trial per method, every method's defaults first (so that an interrupted tuning has compared
@@ -440,7 +474,9 @@ def capacity_tuning(
         digest = json.loads(file.read_text())["weights_digest"] if file.exists() else ""
         if not runs.cache.has(jobs, digest):
             raise SystemExit(f"no complete tuning in {runs.cache.folder}: run --stage tune")
-    record, teacher = setting_teacher(args, runs, jobs)
+    longer = alone_at_teacher_budget(args, runs, tuning, [TUNING_SEED])
+    record, teacher = setting_teacher(args, runs, longer + jobs)
+    check_capacity(pool, args, runs, record, teacher["AP"], longer)
     table = tuning_table(results(pool, runs.cache, jobs, record), trials)
     # the tuning split's lone student: a check before any reporting run is spent
     check_margin(args, runs.name, teacher["AP"], table["none_AP"])
@@ -457,21 +493,12 @@ def capacity_report(
     """A setting's table: the student alone at its budget and at the teacher's, and every
     method at its locked setting (`blocks`), on the reporting split and seeds."""
     runs = setting_runs(args, name, data)
-    longer = {ALONE_AT_TEACHER_BUDGET: METHODS["none"]}
     # the longest runs first, so that no core waits for them at the end
-    jobs = student_jobs(
-        args,
-        longer,
-        runs.recipe,
-        runs.dataset,
-        runs.teacher,
-        args.seeds,
-        epochs=runs.recipe.teacher_epochs,
-        final_epochs=PLATEAU_EPOCHS,
-    )
+    longer = alone_at_teacher_budget(args, runs, runs.dataset, args.seeds)
     rows = {"none": METHODS["none"], **blocks}
-    jobs += student_jobs(args, rows, runs.recipe, runs.dataset, runs.teacher, args.seeds)
+    jobs = longer + student_jobs(args, rows, runs.recipe, runs.dataset, runs.teacher, args.seeds)
     record, teacher = setting_teacher(args, runs, jobs)
+    check_capacity(pool, args, runs, record, teacher["AP"], longer)
     report = report_table(results(pool, runs.cache, jobs, record), teacher["AP"], blocks)
     check_margin(args, name, teacher["AP"], report["rows"]["none"]["AP"])
     return {"setting": SETTINGS[name]._asdict(), "teacher": teacher, **report}

@@ -105,11 +105,12 @@ def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path:
     protocol = ["--protocol", "capacity", "--settings", "main", "--cache", str(records)]
     protocol += ["--seeds", "1"]  # one reporting seed: the statistics have their unit tests
     header = "Capacity-gap protocol"
-    # a first session tunes: the teacher, the student alone and one trial per method (quick)
+    # a first session tunes: the teacher, the student alone (at its budget and, the capacity
+    # check, at the teacher's) and one trial per method (quick)
     table, figures = run_quick(tmp_path / "tune", *protocol, "--stage", "tune", header=header)
     assert figures["settings"] == {} and set(figures["tuning"]["locked"]) == set(TUNED)
     assert table.count("locked") == len(TUNED)
-    assert len(list(records.rglob("*.json"))) == 2 + len(TUNED)
+    assert len(list(records.rglob("*.json"))) == 3 + len(TUNED)
 
     # the diagnosis, from that session's teacher and records: every trial probed beside its AP
     table, figures = run_quick(
@@ -120,7 +121,7 @@ def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path:
         assert trial["grad_ratio"] > 0 and trial["AP_above_alone"] is not None
         assert len(trial["levels"]) == 5 and trial["terms"]
     assert all(name in table for name in figures["trials"])
-    assert len(list(records.rglob("*.json"))) == 2 + len(TUNED)  # nothing trained
+    assert len(list(records.rglob("*.json"))) == 3 + len(TUNED)  # nothing trained
 
     # a second session, with an empty --out, reports: the locked trials come from the records;
     # its teacher, trained again, must have the recorded weights (bitwise, on one machine)
@@ -137,7 +138,7 @@ def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path:
         rows["tid"]
     )
     files = list(records.rglob("*.json"))
-    assert len(files) == 2 + len(TUNED) + len(names)
+    assert len(files) == 3 + len(TUNED) + len(names)
     assert max(f.stat().st_size for f in files) < 10_000  # small enough to commit
 
     # a third session prints everything from the records: nothing is trained
