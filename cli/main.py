@@ -308,14 +308,19 @@ def list_jobs(
     except ApiError as exc:
         _fail(exc)
         return
-    typer.echo(f"{'id':<34}{'name':<24}{'method':<8}{'state':<11}{'step':>12}{'best AP':>9}")
+    head = f"{'id':<34}{'name':<24}{'method':<8}{'state':<11}{'nodes':>6}{'step':>12}{'best AP':>9}"
+    typer.echo(head)
     for job in jobs:
         ap = f"{job['best_ap']:.1f}" if job.get("best_ap") is not None else "-"
         step = f"{job.get('step', 0)}/{job.get('total_steps') or '?'}"
+        resources = job["spec"].get("resources", {})  # nodes x processes each
+        nodes = f"{resources.get('nnodes', 1)}x{resources.get('nproc_per_node', 1)}"
         typer.echo(
             f"{job['id']:<34}{job['name'][:23]:<24}{job['method']:<8}{job['state']:<11}"
-            f"{step:>12}{ap:>9}"
+            f"{nodes:>6}{step:>12}{ap:>9}"
         )
+        if job.get("waiting_reason"):  # a job on several nodes whose workers are not all free
+            typer.echo(f"{'':<34}{job['waiting_reason']}")
 
 
 @app.command()

@@ -220,3 +220,17 @@ def test_a_gang_short_of_workers_waits_while_a_job_of_one_node_runs(tmp_path: Pa
         assert (still["state"], still["attempt"]) == ("queued", 0)
         # 0 idle while the job of one node held the worker, 1 again once it is done
         assert still["waiting_reason"].startswith("waiting for 2 workers; ")
+        # `tid ls` shows its nodes and, under its row, why it waits
+        env = {**stack.env, "TID_URL": stack.client.url}
+        env["TID_API_KEY"] = stack.client.http.headers["Authorization"].removeprefix("Bearer ")
+        listed = subprocess.run(
+            [sys.executable, "-m", "cli.main", "ls"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout.splitlines()
+        row = next(i for i, line in enumerate(listed) if line.startswith(gang))
+        assert listed[row].split()[1:5] == ["gang", "none", "queued", "2x1"]
+        assert listed[row + 1].strip() == still["waiting_reason"]

@@ -131,7 +131,7 @@ def test_cli_submit_wait_status_download(stack: Any, tmp_path: Path) -> None:
     listed = tid("ls")
     assert listed.returncode == 0
     (row,) = [line for line in listed.stdout.splitlines() if line.startswith(job_id)]
-    assert row.split()[1:5] == ["cli", "none", "succeeded", "2/2"]
+    assert row.split()[1:6] == ["cli", "none", "succeeded", "1x1", "2/2"]
     compared = tid("compare", job_id)
     assert compared.returncode == 0
     header, _, line = compared.stdout.splitlines()[:3]
