@@ -11,7 +11,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from sqlalchemy import make_url
+from sqlalchemy import make_url, text
+
+from store.db.session import get_engine
 
 POSTGRES = os.environ.get(
     "TID_TEST_POSTGRES_URL"
@@ -44,3 +46,9 @@ def copy_sqlite(template: Path, url: str) -> None:
         contextlib.closing(sqlite3.connect(path)) as copy,
     ):
         source.backup(copy)
+
+
+def rows(url: str, query: str) -> list[tuple[object, ...]]:
+    """Every row `query` returns, as tuples."""
+    with get_engine(url).connect() as conn:
+        return [tuple(row) for row in conn.execute(text(query))]

@@ -17,7 +17,18 @@ from datetime import UTC, datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
-from sqlalchemy import ColumnElement, CursorResult, and_, case, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Update,
+    and_,
+    case,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from store.db.models import FINAL_STATES, Job, JobEvent, JobNode, new_id, utcnow
@@ -130,20 +141,24 @@ def _holds(job_id: str, token: str) -> ColumnElement[bool]:
     return exists().where(Job.id == job_id, Job.state == "running", Job.claim_token == token)
 
 
+def _leased_node(job_id: str, attempt: int, rank: int) -> Update:
+    """An update of one node of an attempt whose part has not ended (it still has a lease)."""
+    return update(JobNode).where(
+        JobNode.job_id == job_id,
+        JobNode.attempt == attempt,
+        JobNode.node_rank == rank,
+        JobNode.lease_expires.is_not(None),
+    )
+
+
 def renew_node(
     session: Session, job_id: str, *, token: str, attempt: int, rank: int, lease_seconds: int
 ) -> bool:
     """Extend one node's lease while its claim still holds the running job (and the node has
     not ended); False means: stop now."""
     result = session.execute(
-        update(JobNode)
-        .where(
-            JobNode.job_id == job_id,
-            JobNode.attempt == attempt,
-            JobNode.node_rank == rank,
-            JobNode.lease_expires.is_not(None),
-            _holds(job_id, token),
-        )
+        _leased_node(job_id, attempt, rank)
+        .where(_holds(job_id, token))
         .values(lease_expires=db_now(session) + timedelta(seconds=lease_seconds))
     )
     return isinstance(result, CursorResult) and result.rowcount == 1
@@ -153,14 +168,7 @@ def end_node(session: Session, job_id: str, *, attempt: int, rank: int, done: bo
     """A node's part of an attempt ended: well (`done`: it needs no lease any more), or not (its
     lease expires now, so that the reconciler re-queues the whole gang)."""
     session.execute(
-        update(JobNode)
-        .where(
-            JobNode.job_id == job_id,
-            JobNode.attempt == attempt,
-            JobNode.node_rank == rank,
-            JobNode.lease_expires.is_not(None),
-        )
-        .values(lease_expires=None if done else db_now(session))
+        _leased_node(job_id, attempt, rank).values(lease_expires=None if done else db_now(session))
     )
 
 

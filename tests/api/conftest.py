@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from databases import copy_sqlite
+from databases import POSTGRES, copy_sqlite, postgres_database
 from factories import make_settings
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session
@@ -68,3 +68,13 @@ def owner_headers(settings: Settings) -> dict[str, str]:
 @pytest.fixture
 def other_headers(settings: Settings) -> dict[str, str]:
     return _headers(settings, "bob")
+
+
+@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
+def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database: SQLite, and PostgreSQL where `TID_TEST_POSTGRES_URL` is set."""
+    if request.param == "sqlite":
+        yield make_settings(tmp_path).database_url
+        return
+    with postgres_database() as url:
+        yield url

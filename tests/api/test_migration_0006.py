@@ -3,13 +3,7 @@ SQLite and, with `TID_TEST_POSTGRES_URL`, on PostgreSQL."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from alembic import command
-from databases import POSTGRES, postgres_database
-from factories import make_settings
 from sqlalchemy import inspect, text
 
 from store.db.migrate import alembic_config, upgrade
@@ -18,24 +12,15 @@ from store.db.session import get_engine
 NOW = "2026-12-01 08:00:00"
 
 
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield make_settings(tmp_path).database_url
-        return
-    with postgres_database() as url:
-        yield url
-
-
-def _rows(url: str, table: str, *columns: str) -> list[tuple[object, ...]]:
-    with get_engine(url).connect() as conn:
+def _rows(empty_url: str, table: str, *columns: str) -> list[tuple[object, ...]]:
+    with get_engine(empty_url).connect() as conn:
         query = f"SELECT {', '.join(columns)} FROM {table} ORDER BY id"
         return [tuple(row) for row in conn.execute(text(query))]
 
 
-def test_0006_counts_no_delivery_yet_and_its_downgrade_keeps_the_rows(url: str) -> None:
-    upgrade(url, "0005")
-    with get_engine(url).begin() as conn:
+def test_0006_counts_no_delivery_yet_and_its_downgrade_keeps_the_rows(empty_url: str) -> None:
+    upgrade(empty_url, "0005")
+    with get_engine(empty_url).begin() as conn:
         for id_, state in (("a" * 32, "pending"), ("b" * 32, "ready")):
             conn.execute(
                 text(
@@ -52,16 +37,19 @@ def test_0006_counts_no_delivery_yet_and_its_downgrade_keeps_the_rows(url: str) 
                 {"id": id_, "sha": "0" * 64, "state": state, "now": NOW},
             )
 
-    upgrade(url, "0006")
+    upgrade(empty_url, "0006")
     for table in ("datasets", "models"):
-        assert _rows(url, table, "id", "state", "deliveries") == [
+        assert _rows(empty_url, table, "id", "state", "deliveries") == [
             ("a" * 32, "pending", 0),
             ("b" * 32, "ready", 0),
         ]
 
-    command.downgrade(alembic_config(url), "0005")
-    with get_engine(url).connect() as conn:
+    command.downgrade(alembic_config(empty_url), "0005")
+    with get_engine(empty_url).connect() as conn:
         for table in ("datasets", "models"):
             assert "deliveries" not in {c["name"] for c in inspect(conn).get_columns(table)}
     for table in ("datasets", "models"):
-        assert _rows(url, table, "id", "state") == [("a" * 32, "pending"), ("b" * 32, "ready")]
+        assert _rows(empty_url, table, "id", "state") == [
+            ("a" * 32, "pending"),
+            ("b" * 32, "ready"),
+        ]

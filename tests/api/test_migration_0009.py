@@ -4,13 +4,8 @@ ran on one node."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 from alembic import command
-from databases import POSTGRES, postgres_database
-from factories import make_settings
+from databases import rows
 from sqlalchemy import inspect, text
 
 from store.db.migrate import alembic_config, upgrade
@@ -19,23 +14,9 @@ from store.db.session import get_engine
 NOW = "2026-12-01 08:00:00"
 
 
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
-def url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield make_settings(tmp_path).database_url
-        return
-    with postgres_database() as url:
-        yield url
-
-
-def _rows(url: str, query: str) -> list[tuple[object, ...]]:
-    with get_engine(url).connect() as conn:
-        return [tuple(row) for row in conn.execute(text(query))]
-
-
-def test_0009_adds_its_tables_and_columns_and_its_downgrade_keeps_the_jobs(url: str) -> None:
-    upgrade(url, "0008")
-    with get_engine(url).begin() as conn:
+def test_0009_adds_its_tables_and_columns_and_its_downgrade_keeps_the_jobs(empty_url: str) -> None:
+    upgrade(empty_url, "0008")
+    with get_engine(empty_url).begin() as conn:
         conn.execute(
             text(
                 "INSERT INTO jobs (id, owner, name, spec, method, state, attempt, handbacks,"
@@ -46,9 +27,9 @@ def test_0009_adds_its_tables_and_columns_and_its_downgrade_keeps_the_jobs(url: 
             {"id": "a" * 32, "now": NOW},
         )
 
-    upgrade(url, "0009")
-    assert _rows(url, "SELECT id, nnodes, waiting_reason FROM jobs") == [("a" * 32, 1, None)]
-    with get_engine(url).begin() as conn:
+    upgrade(empty_url, "0009")
+    assert rows(empty_url, "SELECT id, nnodes, waiting_reason FROM jobs") == [("a" * 32, 1, None)]
+    with get_engine(empty_url).begin() as conn:
         conn.execute(text("UPDATE jobs SET nnodes = 2, waiting_reason = 'waiting'"))
         conn.execute(
             text(
@@ -65,14 +46,14 @@ def test_0009_adds_its_tables_and_columns_and_its_downgrade_keeps_the_jobs(url: 
             ),
             {"job": "a" * 32, "now": NOW},
         )
-    assert _rows(url, "SELECT name, state, job_id FROM workers") == [("w1", "busy", "a" * 32)]
-    assert _rows(url, "SELECT job_id, attempt, node_rank, worker FROM job_nodes") == [
+    assert rows(empty_url, "SELECT name, state, job_id FROM workers") == [("w1", "busy", "a" * 32)]
+    assert rows(empty_url, "SELECT job_id, attempt, node_rank, worker FROM job_nodes") == [
         ("a" * 32, 1, 0, "w1")
     ]
 
-    command.downgrade(alembic_config(url), "0008")
-    assert _rows(url, "SELECT id, state, attempt FROM jobs") == [("a" * 32, "running", 1)]
-    with get_engine(url).connect() as conn:
+    command.downgrade(alembic_config(empty_url), "0008")
+    assert rows(empty_url, "SELECT id, state, attempt FROM jobs") == [("a" * 32, "running", 1)]
+    with get_engine(empty_url).connect() as conn:
         schema = inspect(conn)
         assert not {"workers", "job_nodes"} & set(schema.get_table_names())
         columns = {c["name"] for c in schema.get_columns("jobs")}

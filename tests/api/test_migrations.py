@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from databases import POSTGRES, postgres_database
 from factories import make_settings
 from sqlalchemy import inspect, text
 from sqlalchemy.exc import IntegrityError
@@ -84,16 +82,6 @@ def test_0003_keeps_map_only_in_evaluations_and_its_downgrade_restores_the_copie
     with get_engine(url).connect() as conn:
         best = {r.id: r.best_ap for r in conn.execute(text("SELECT id, best_ap FROM jobs"))}
     assert best == {"a" * 32: 12.5, "b" * 32: None}
-
-
-@pytest.fixture(params=["sqlite"] + (["postgresql"] if POSTGRES else []))
-def empty_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    """An empty database: SQLite, and PostgreSQL where `TID_TEST_POSTGRES_URL` is set."""
-    if request.param == "sqlite":
-        yield make_settings(tmp_path).database_url
-        return
-    with postgres_database() as url:
-        yield url
 
 
 def test_0007_keeps_the_latest_attempts_row_per_step_and_name_and_makes_it_unique(
