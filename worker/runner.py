@@ -46,7 +46,7 @@ from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.queue import RUN_JOB, enqueue
 from store.settings import Settings
 from tid_core.launch import Rendezvous, terminate_with_parent, torchrun_command
-from tid_core.spec import JobSpec
+from tid_core.spec import JobSpec, ResourcesSpec
 from worker.db_retry import retrying
 from worker.finished_run import finished_run
 from worker.ingest import EVENTS_FILE, ingest_events
@@ -184,6 +184,11 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
     worker = worker_name(settings)
     leased_at = time.monotonic()
     with session_scope(settings.database_url) as session:
+        misfit = _misfit(session.get(Job, job_id), worker, settings)
+        if misfit is not None:
+            sends.unsend(session, job_id, reason=misfit)
+            log.info("job %s: not claimed: %s", job_id, misfit)
+            return
         token = transitions.claim(
             session,
             job_id,
@@ -205,6 +210,22 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
         _attempt(run, shutdown or threading.Event())
     finally:
         _release(run)
+
+
+def _misfit(job: Job | None, worker: str, settings: Settings) -> str | None:
+    """Why this worker cannot run a queued job of one node (None: it can): the job asks for
+    more GPUs than the worker has. Only a worker that declares its GPUs (TID_WORKER_GPUS)
+    checks; one that does not runs what it is sent, as workers always did."""
+    gpus = settings.gpu_ids
+    if job is None or job.state != "queued" or not gpus:
+        return None
+    resources = ResourcesSpec.model_validate(job.spec.get("resources", {}))
+    if resources.device == "cpu" or resources.nproc_per_node <= len(gpus):
+        return None
+    return (
+        f"waiting for a worker with {resources.nproc_per_node} GPUs; {worker}, which took it, "
+        f"has {len(gpus)}"
+    )
 
 
 def run_node(

@@ -57,12 +57,14 @@ def record_sent(session: Session, kind: Waiting, row_id: str) -> None:
     )
 
 
-def unsend(session: Session, job_id: str) -> None:
-    """A queued job's message was taken but not acted on (its worker was reserved for a gang):
-    it waits unsent, so the reconciler sends it again."""
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.state == "queued").values(last_sent_at=None)
-    )
+def unsend(session: Session, job_id: str, *, reason: str | None = None) -> None:
+    """A queued job's message was taken but not acted on (its worker was reserved for a gang,
+    or does not fit the job: `reason`, which the job shows while it waits): it waits unsent,
+    so the reconciler sends it again."""
+    values: dict[str, object] = {"last_sent_at": None}
+    if reason is not None:
+        values["waiting_reason"] = reason
+    session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(values))
 
 
 def never_sent(session: Session, kind: Waiting, *, before: datetime, limit: int) -> list[str]:

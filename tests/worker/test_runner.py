@@ -404,3 +404,39 @@ def test_a_requeued_job_whose_run_ended_is_recorded_without_training_again(
     states = [e.data["state"] for e in rows(settings, JobEvent, job_id) if e.type == "state"]
     assert states == ["running", "queued", "running", "succeeded"]
     assert_recorded_whole(settings, job_id)
+
+
+def test_a_worker_with_fewer_gpus_than_a_job_asks_leaves_it_queued_saying_why(
+    settings: Settings, make_job: MakeJob
+) -> None:
+    """A job of one node on 2 GPUs, delivered to a worker that declares 1: not claimed, no
+    trainer, unsent (the reconciler sends it again, to any worker), and the job says why."""
+    job_id = make_job(
+        spec=tiny_spec(resources={"nproc_per_node": 2, "device": "cuda"}), last_sent_at=utcnow()
+    )
+    one_gpu = settings.model_copy(update={"worker_gpus": "0"})
+
+    runner.run_job(job_id, settings=one_gpu)
+
+    job = read_job(settings, job_id)
+    assert (job.state, job.attempt, job.last_sent_at) == ("queued", 0, None)
+    name = runner.worker_name(one_gpu)
+    assert job.waiting_reason == f"waiting for a worker with 2 GPUs; {name}, which took it, has 1"
+    assert not (settings.jobs_dir / job_id).exists()
+
+
+@pytest.mark.parametrize(
+    ("gpus", "resources", "fits"),
+    [
+        ("", {"nproc_per_node": 4, "device": "cuda"}, True),  # GPUs not declared: as before
+        ("0,1", {"nproc_per_node": 2, "device": "cuda"}, True),
+        ("0,1", {"nproc_per_node": 4, "device": "auto"}, False),
+        ("0", {"nproc_per_node": 4, "device": "cpu"}, True),  # a CPU job needs no GPU
+    ],
+)
+def test_a_job_of_one_node_fits_a_worker_with_as_many_gpus_as_it_asks(
+    settings: Settings, gpus: str, resources: dict[str, Any], fits: bool
+) -> None:
+    job = Job(state="queued", spec=tiny_spec(resources=resources))
+    worker = settings.model_copy(update={"worker_gpus": gpus})
+    assert (runner._misfit(job, "w", worker) is None) == fits
