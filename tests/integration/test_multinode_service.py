@@ -233,4 +233,4 @@ def test_a_gang_short_of_workers_waits_while_a_job_of_one_node_runs(tmp_path: Pa
         ).stdout.splitlines()
         row = next(i for i, line in enumerate(listed) if line.startswith(gang))
         assert listed[row].split()[1:5] == ["gang", "none", "queued", "2x1"]
-        assert listed[row + 1].strip() == still["waiting_reason"]
+        assert listed[row + 1].strip().startswith("waiting for 2 workers; ")  # idle: it varies
