@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     # clock; a worker whose last one is older than 3 of them is gone (no job is placed on it)
     heartbeat_seconds: float = Field(default=5.0, gt=0, le=3600)
     # the address the other nodes of a job reach this worker at (its rendezvous, when it runs a
-    # job's node 0); default: this host's address on its route out (tid_core.dist)
+    # job's node 0); default: this host's address on its route to the database (worker/registry.py)
     worker_address: str = Field(default="", max_length=255)
     # the GPUs this worker gives its jobs, comma-separated device ids (CUDA_VISIBLE_DEVICES'
     # form, e.g. "0,1,2,3"); empty: a CPU worker

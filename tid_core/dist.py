@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tid_core.launch import set_parent_death_signal
+from tid_core.launch import route_source, set_parent_death_signal
 
 log = logging.getLogger("tid_core.dist")
 SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's IPv4 address
@@ -51,12 +51,10 @@ def spans_nodes() -> bool:
 def route_interface(address: str) -> str | None:
     """The interface this host sends from to `address` (IPv4): the one holding the source
     address the kernel picks for it. None without an IPv4 route or such an interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-        try:
-            probe.connect((address, 9))  # a UDP connect sends nothing: it only picks the route
-        except OSError:
-            return None
-        source = probe.getsockname()[0]
+    source = route_source(address)
+    if source is None:
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # for the ioctl
         for _, name in socket.if_nameindex():
             with suppress(OSError):  # no IPv4 address
                 request = struct.pack("256s", name.encode())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,18 @@ def terminate_with_parent() -> None:
     their starter dies without cleaning up (SIGKILL, OOM), so they stop as on `docker stop`
     instead of living on as orphans. One libc call: safe between fork and exec."""
     set_parent_death_signal(signal.SIGTERM)
+
+
+def route_source(host: str) -> str | None:
+    """The IPv4 address this host sends from toward `host` (an IPv4 address or a name): the
+    kernel's choice of route, found by a UDP connect, which sends nothing. None without one."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        try:
+            probe.connect((host, 9))
+        except OSError:
+            return None
+        source: str = probe.getsockname()[0]
+        return source
 
 
 @dataclass(frozen=True)

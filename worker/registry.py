@@ -21,6 +21,7 @@ from store.db import workers
 from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.queue import node_queue
 from store.settings import Settings
+from tid_core.launch import route_source
 
 log = logging.getLogger(__name__)
 
@@ -32,21 +33,14 @@ def fix_worker_name() -> None:
 
 
 def route_address(settings: Settings) -> str:
-    """`TID_WORKER_ADDRESS`, else the address this host sends from toward the database (the
-    kernel's route; a UDP connect sends nothing), else toward the broker: the address of the
-    network the service's hosts share."""
+    """`TID_WORKER_ADDRESS`, else the address this host sends from toward the database, else
+    toward the broker: the address of the network the service's hosts share."""
     if settings.worker_address:
         return settings.worker_address
     for url in (settings.database_url, settings.broker_url):
         host = make_url(url).host if "://" in url else None
-        if not host:
-            continue
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
-            try:
-                probe.connect((host, 9))
-            except OSError:
-                continue
-            address: str = probe.getsockname()[0]
+        address = route_source(host) if host else None
+        if address is not None:
             return address
     return "127.0.0.1"  # an embedded service: every worker is on this host
 
