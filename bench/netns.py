@@ -124,6 +124,8 @@ def _remove(names: set[str], started: list[subprocess.Popen[Any]]) -> None:
     """Kill what runs in these namespaces, then delete the veths (each takes its peer along),
     the namespaces and the bridges that exist. Every step is tried; the first failure raises
     after the others."""
+    for proc in started:  # by pid too: one may not have entered its namespace yet
+        proc.kill()
     kind = {name: _NAME.match(name).group(2) for name in names & leftovers()}  # type: ignore[union-attr]
     namespaces = sorted(n for n, k in kind.items() if k == "h")
     steps: list[Callable[[], object]] = [partial(_kill_namespace, n, started) for n in namespaces]
