@@ -4,29 +4,24 @@ design and budget".
 
 It has sizes of its own: synthetic `scenes`, 2,000 training images of 128 px, the 1,000
 validation images for the tables and 1,000 others (dataset seed 7) for the tuning; a
-ResNet34-FPN256 teacher per setting, 8 epochs, evaluated after each (it must have plateaued: its
+ResNet34-FPN256 teacher per setting, 16 epochs, evaluated after each (it must have plateaued: its
 last epoch, at the final learning rate, gains at most 1 AP); students 3 epochs. Settings
 (teacher -> student, optimizer of every run): `main` FCOS -> MobileNetV3-FPN128, SGD;
 `r18-adamw` FCOS -> ResNet18-FPN128, AdamW; `retinanet` RetinaNet -> MobileNetV3-FPN128, SGD.
-Every method (fitnet, pkd, pkd-gt, tid, tid-point, tid-key2.25-weak0.9) gets the same 3 x 2
-trials, its loss weight x its own knob, on the tuning split and seed of `main`; its best trial
-is locked for every setting; each setting's table has the student alone at its budget and at the
-teacher's, and every locked method, over seeds 1-5: AP per seed, mean ± std, the paired
-difference to the student alone and to the best baseline (bootstrap 95% interval) and the share
-of the gap closed against either lone student. The stages run apart, across sessions: each run
-leaves a small JSON record in docs/results/capacity/runs/ (keyed by its spec and its teacher's
-weights) that a later session reuses; a teacher is trained again only when a run needs it, and
-must then come out bitwise the same (same CPU, 2 threads) as the recorded one.
+Every method (fitnet, pkd, pkd-gt, tid, tid-point, tid-key2.25-weak0.9) gets the same 4
+trials (3 loss weights, and its own knob's other value) on the tuning split and seed of
+`main`; its best trial is locked for every setting; each setting's table has the student
+alone at its budget and at the teacher's, and every locked method, over seeds 1-5: AP per
+seed, mean ± std, the paired difference to the student alone and to the best baseline
+(bootstrap 95% interval) and the share of the gap closed against either lone student.
+The stages run apart, across
+sessions: each run leaves a small JSON record in docs/results/capacity/runs/ (keyed by its spec
+and its teacher's weights) that a later session reuses; a teacher is trained once per setting
+and its weights kept beside its record at half precision, what every student distils from.
 
-Budget (CPU seconds per training image at 1 thread, measured on the EPYC guest): students
-alone 0.10-0.16, distilled from the ResNet34-FPN256 teacher 0.22-0.27 (its forward doubles a
-MobileNetV3 student's step), the teacher 0.36-0.38, evaluation 0.02-0.1 per image. `main`'s
-table: 30 distilled runs x 3 epochs x 2,000 images x 0.218 = 39,240 s, the student alone
-5 x 6,000 x 0.107 = 3,210 s and at the teacher's budget 5 x 16,000 x 0.107 = 8,560 s, 40
-evaluations 2,000 s, its teacher 6,640 s: 59,650 s, 8.3 h of 2 cores; `r18-adamw` 10.4 h,
-`retinanet` 8.3 h; the tuning (37 runs and the teacher) 7.8 h: a session per stage and
-setting. The issue's 8 h for all three tables would leave each student ~200 steps, in which a
-student on scenes barely starts to learn (BENCHMARKS.md has the pilot). `--quick` runs every
+Budget (docs/BENCHMARKS.md has the measured CPU seconds per image and the sums): `main`'s
+locked table ~8.6 h of 2 cores beside its teacher's ~1.8 h, the tuning ~5.1 h; runs die with
+a session, records do not, so a table is filled over several sessions. `--quick` runs every
 stage at 8 images of 64 px, one trial per method.
 """
 
@@ -35,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import platform
@@ -48,6 +42,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from safetensors.torch import save as safetensors_bytes
 
 from bench.accuracy_jobs import (
     METHODS,
@@ -66,6 +61,7 @@ from bench.accuracy_jobs import (
     tuning_data,
 )
 from tid_core import recipes
+from tid_core.checkpoint import write_atomic
 from tid_core.demo import run_job
 from tid_core.events import read_events
 from tid_core.models import read_weights
@@ -88,21 +84,27 @@ SETTINGS = {
 
 
 class Grid(NamedTuple):
-    """A method's tuning trials: each loss weight with each value of its own main knob, the
-    method's defaults first (λ 0.5 and the knob's spec default)."""
+    """A method's tuning trials: each loss weight at the knob's first value, then the knob's
+    other values at the second loss weight; the method's defaults first (λ 0.5 and the knob's
+    spec default)."""
 
     knob: str
     values: tuple[int | float, ...]
-    loss_weights: tuple[float, ...] = (0.5, 8.0)
+    loss_weights: tuple[float, ...] = (0.5, 8.0, 32.0)
+
+    def trials(self) -> list[tuple[float, int | float]]:
+        lead, *rest = self.values
+        return [(w, lead) for w in self.loss_weights] + [(self.loss_weights[1], v) for v in rest]
 
 
-# Every method gets 2 x 2 trials, its defaults among them, so the tuning table also says whether
-# a default holds. FitNet's raw-feature loss started at 191x the detection gradient at λ 0.5
-# (METHOD.md, deviation 7): its weight goes down from the default where the standardised losses'
-# goes up (MMRazor's PKD weights are several times 0.5).
+# Every method gets 4 trials, its defaults among them, so the tuning table also says whether a
+# default holds: three loss weights, and its knob's other value at the second one. With the
+# first teacher (BENCHMARKS, "progress") every method's best trial sat at its grid's stronger
+# edge: the standardised losses at λ 8 of (0.5, 8), FitNet at 0.5 of (1/32, 0.5), whose
+# raw-feature loss starts far stronger (METHOD.md, deviation 7); so each grid reaches past it.
 RAMP = (100, 500)  # distill_warmup_iters: the default, and over two of the students' 3 epochs
 TUNED = {
-    "fitnet": Grid("distill_warmup_iters", RAMP, (0.5, 0.5 / 16)),
+    "fitnet": Grid("distill_warmup_iters", RAMP, (0.5, 2.0, 8.0)),
     "pkd": Grid("distill_warmup_iters", RAMP),
     "pkd-gt": Grid("gamma", (0.5, 1.0)),
     "tid": Grid("gamma", (0.5, 1.0)),
@@ -124,7 +126,7 @@ CAPACITY = recipes.Recipe(
     image_size=128,
     teacher=model_block(SETTINGS["main"].teacher),
     student=model_block(SETTINGS["main"].student),
-    teacher_epochs=8,
+    teacher_epochs=16,
     student_epochs=3,
     warmup_iters=100,
     optimizer="sgd",
@@ -255,12 +257,18 @@ class RunCache:
         self.put(self.file(name, spec, inputs), record)
         return record
 
+    def kept(self, spec: dict[str, Any]) -> Path:
+        """Where the teacher of `spec` keeps its weights, beside its record."""
+        return self.file("teacher", spec, {}).with_suffix(".safetensors")
+
     @staticmethod
-    def record(result: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    def record(
+        result: dict[str, Any], run_dir: Path, weights: Path | None = None
+    ) -> dict[str, Any]:
         """What a finished run leaves in the cache: its metrics, the AP after each evaluated
         epoch, what the diagnosis reads (each loss term and logged statistic averaged per epoch,
-        the initial gradient ratio), its weights' digest (a retrained teacher is checked
-        against it) and where it ran (training is bitwise reproducible on one machine, not
+        the initial gradient ratio), the digest of its weights (`weights`, else the run's
+        student) and where it ran (training is bitwise reproducible on one machine, not
         across CPUs)."""
         events = read_events(run_dir / "events.jsonl")
         curve = {e["epoch"]: e["metrics"]["AP"] for e in events if e["type"] == "eval"}
@@ -270,7 +278,7 @@ class RunCache:
             "curve": [curve[epoch] for epoch in sorted(curve)],
             "per_epoch": epoch_means([e for e in events if e["type"] == "step"]),
             "grad_ratio": ratios[0] if ratios else None,
-            "weights_digest": weights_digest(run_dir / "student.safetensors"),
+            "weights_digest": weights_digest(weights or run_dir / "student.safetensors"),
             "machine": {"cpu": cpu_name(), "torch": torch.__version__},
         }
 
@@ -281,36 +289,35 @@ class RunCache:
         tmp.replace(file)
 
 
-def recorded_teacher(
-    cache: RunCache,
-    spec: dict[str, Any],
-    run_dir: Path,
-    jobs: Sequence[Job],
-    *,
-    weights_here: bool = False,
-) -> dict[str, Any]:
-    """The teacher's record for `jobs`. It is trained (or reused from --out) unless every job
-    that distils from it is recorded under the recorded weights (and, `weights_here`, its
-    weights are in `run_dir`); weights trained here must be the recorded ones, else the
-    recorded runs were distilled from another teacher and cannot share a table with new runs."""
-    file = cache.file("teacher", spec, {})
-    record: dict[str, Any] | None = json.loads(file.read_text()) if file.exists() else None
-    distilling = [j for j in jobs if "teacher" in j.spec]
-    present = not weights_here or (run_dir / "student.safetensors").exists()
-    if record is not None and present and cache.has(distilling, record["weights_digest"]):
+def keep_half(trained: Path, kept: Path) -> None:
+    """A half-precision copy of a teacher's weights, its metadata kept: ~58 MB for the
+    ResNet34-FPN256 teacher, small enough to commit (the trained file is twice that), and a
+    weight moves by at most a relative 2^-11. Every student distils from this copy (the model
+    loads it back into single precision), whichever session trained the teacher."""
+    state, meta = read_weights(trained)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    encoded = safetensors_bytes(half, metadata=meta.to_strings() if meta else None)
+    write_atomic(kept, lambda f: f.write(encoded))
+
+
+def recorded_teacher(cache: RunCache, spec: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """The teacher's record, its weights kept beside it (`keep_half`). It is trained (or
+    reused from --out) only where it has no record; a record whose kept weights are missing
+    or other is refused, since its recorded runs were distilled from those weights."""
+    file, kept = cache.file("teacher", spec, {}), cache.kept(spec)
+    if file.exists():
+        record: dict[str, Any] = json.loads(file.read_text())
+        if not kept.exists() or weights_digest(kept) != record["weights_digest"]:
+            raise SystemExit(
+                f"refused: {kept}, the weights the teacher recorded in {file} taught its runs "
+                "with, is missing or other: restore it from git, or move "
+                f"{cache.folder} away to start the setting over"
+            )
         return record
     result = run_job("teacher", spec, run_dir, inputs={}, threads=TEACHER_THREADS)
-    trained = cache.record(result, run_dir)
-    if record is None:
-        cache.put(file, trained)
-        return trained
-    if trained["weights_digest"] != record["weights_digest"]:
-        raise SystemExit(
-            f"refused: the teacher trained here ({run_dir}, {trained['machine']}) differs from "
-            f"the one recorded in {file} ({record['machine']}), from which the recorded runs "
-            f"were distilled: finish the setting on such a machine, or move {cache.folder} "
-            "away to start it over"
-        )
+    keep_half(run_dir / "student.safetensors", kept)
+    record = cache.record(result, run_dir, kept)
+    cache.put(file, record)
     return record
 
 
@@ -367,7 +374,7 @@ def tuning_trials(quick: bool) -> dict[str, tuple[str, dict[str, Any]]]:
     trial per method, every method's defaults first (so that an interrupted tuning has compared
     the defaults before anything else; quick: the defaults only)."""
     trials = {}
-    grids = [itertools.product(grid.loss_weights, grid.values) for grid in TUNED.values()]
+    grids = [grid.trials() for grid in TUNED.values()]
     for trial in list(zip(*grids, strict=True))[: 1 if quick else None]:
         for (method, grid), (weight, value) in zip(TUNED.items(), trial, strict=True):
             name = f"{method}-lw{weight:g}-{KNOB_LABELS[grid.knob]}{value:g}"
@@ -430,16 +437,17 @@ def setting_runs(args: argparse.Namespace, name: str, data: Path) -> SettingRuns
     recipe = setting_recipe(SETTINGS[name], quick=args.quick)
     dataset = {"path": str(data), "input_size": recipe.image_size}
     spec, run_dir = teacher_job(args, recipe, dataset, plateau=True)
-    teacher = {**recipe.teacher, "weights": {"path": str(run_dir / "student.safetensors")}}
-    return SettingRuns(name, recipe, RunCache(args.cache / name), dataset, spec, run_dir, teacher)
+    cache = RunCache(args.cache / name)
+    teacher = {**recipe.teacher, "weights": {"path": str(cache.kept(spec))}}
+    return SettingRuns(name, recipe, cache, dataset, spec, run_dir, teacher)
 
 
 def setting_teacher(
-    args: argparse.Namespace, runs: SettingRuns, jobs: Sequence[Job]
+    args: argparse.Namespace, runs: SettingRuns
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The teacher's record for `jobs` (`recorded_teacher`) and its figures; refused unless its
-    AP has plateaued."""
-    record = recorded_teacher(runs.cache, runs.teacher_spec, runs.teacher_dir, jobs)
+    """The teacher's record (`recorded_teacher`) and its figures; refused unless its AP has
+    plateaued."""
+    record = recorded_teacher(runs.cache, runs.teacher_spec, runs.teacher_dir)
     curve = record["curve"]
     gain = curve[-1] - curve[-2] if len(curve) > 1 else math.inf
     if gain > PLATEAU_TOL_AP:
@@ -475,7 +483,7 @@ def capacity_tuning(
         if not runs.cache.has(jobs, digest):
             raise SystemExit(f"no complete tuning in {runs.cache.folder}: run --stage tune")
     longer = alone_at_teacher_budget(args, runs, tuning, [TUNING_SEED])
-    record, teacher = setting_teacher(args, runs, longer + jobs)
+    record, teacher = setting_teacher(args, runs)
     check_capacity(pool, args, runs, record, teacher["AP"], longer)
     table = tuning_table(results(pool, runs.cache, jobs, record), trials)
     # the tuning split's lone student: a check before any reporting run is spent
@@ -497,7 +505,7 @@ def capacity_report(
     longer = alone_at_teacher_budget(args, runs, runs.dataset, args.seeds)
     rows = {"none": METHODS["none"], **blocks}
     jobs = longer + student_jobs(args, rows, runs.recipe, runs.dataset, runs.teacher, args.seeds)
-    record, teacher = setting_teacher(args, runs, jobs)
+    record, teacher = setting_teacher(args, runs)
     check_capacity(pool, args, runs, record, teacher["AP"], longer)
     report = report_table(results(pool, runs.cache, jobs, record), teacher["AP"], blocks)
     check_margin(args, name, teacher["AP"], report["rows"]["none"]["AP"])

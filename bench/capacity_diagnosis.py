@@ -49,9 +49,7 @@ def diagnosis(args: argparse.Namespace) -> dict[str, Any]:
     blocks = {"none": METHODS["none"], **{name: block for name, (_, block) in trials.items()}}
     tuning = {**runs.dataset, "path": str(held_out)}
     jobs = student_jobs(args, blocks, runs.recipe, tuning, runs.teacher, [TUNING_SEED])
-    teacher = recorded_teacher(
-        runs.cache, runs.teacher_spec, runs.teacher_dir, jobs, weights_here=True
-    )
+    teacher = recorded_teacher(runs.cache, runs.teacher_spec, runs.teacher_dir)
     inputs = {"teacher": teacher["weights_digest"]}
     records = {
         job.row: runs.cache.load(job.label, job.spec, inputs if "teacher" in job.spec else {})

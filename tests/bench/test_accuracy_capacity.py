@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from bench.accuracy_jobs import METHODS, TEACHER_SEED, TUNING_SEED, Job, job_spec
 from bench.capacity import (
@@ -16,14 +17,17 @@ from bench.capacity import (
     TUNED,
     RunCache,
     epoch_means,
+    keep_half,
     paired_difference,
+    recorded_teacher,
     report_table,
     setting_recipe,
     tuning_table,
     tuning_trials,
+    weights_digest,
 )
 from bench.capacity_diagnosis import distill_fall
-from tid_core.models import BACKBONES
+from tid_core.models import BACKBONES, DetectorMeta, build_detector, load_checked, save_weights
 
 
 def result(ap: float) -> dict[str, Any]:
@@ -143,6 +147,51 @@ def test_a_record_is_keyed_by_the_data_folders_name_and_the_teachers_weights(
     # other data, another teacher: other records
     assert file("/a/var/scenes-v1-16-4-64px-seed0", "/a/t.safetensors", "d1") != first
     assert file("/a/var/scenes-v1-8-4-64px-seed0", "/a/t.safetensors", "d2") != first
+
+
+def test_the_kept_teacher_is_its_weights_at_half_precision_and_loads_as_the_teacher(
+    tmp_path: Path,
+) -> None:
+    torch.manual_seed(0)
+    model = build_detector(arch="fcos", backbone="resnet18", num_classes=3, fpn_channels=64)
+    meta = DetectorMeta("fcos", "resnet18", 3, 64, 64, ["a", "b", "c"])
+    save_weights(model, meta, tmp_path / "student.safetensors")
+    kept = tmp_path / "teacher-key.safetensors"
+    keep_half(tmp_path / "student.safetensors", kept)
+
+    assert kept.stat().st_size < 0.6 * (tmp_path / "student.safetensors").stat().st_size
+    loaded = load_checked(
+        kept,
+        arch="fcos",
+        backbone="resnet18",
+        num_classes=3,
+        fpn_channels=64,
+        image_size=64,
+        class_names=["a", "b", "c"],
+    )  # its metadata kept: checked against the student's spec as a teacher's file is
+    for name, tensor in model.state_dict().items():
+        got = loaded.state_dict()[name]
+        want = tensor.half().to(tensor.dtype) if tensor.is_floating_point() else tensor
+        assert got.dtype == tensor.dtype and torch.equal(got, want), name
+    assert weights_digest(kept) != weights_digest(tmp_path / "student.safetensors")
+
+
+def test_a_recorded_teacher_without_its_kept_weights_is_refused(tmp_path: Path) -> None:
+    recipe = setting_recipe(SETTINGS["main"], quick=True)
+    spec = job_spec(
+        "bench-teacher",
+        recipe.teacher,
+        {"path": "data", "input_size": 64},
+        recipe=recipe,
+        epochs=1,
+        seed=TEACHER_SEED,
+        device="cpu",
+    )
+    cache = RunCache(tmp_path)
+    cache.put(cache.file("teacher", spec, {}), {"weights_digest": "d1", "curve": [1.0]})
+    with pytest.raises(SystemExit, match="is missing or other"):
+        recorded_teacher(cache, spec, tmp_path / "run")  # and nothing is trained
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_records_trajectory_averages_each_term_per_epoch() -> None:

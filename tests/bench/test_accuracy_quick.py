@@ -15,7 +15,7 @@ import torch
 from torchvision.models import resnet18
 
 from bench.accuracy_jobs import METHODS, job_spec
-from bench.capacity import ALONE_AT_TEACHER_BUDGET, TUNED, tuning_trials
+from bench.capacity import ALONE_AT_TEACHER_BUDGET, TUNED, tuning_trials, weights_digest
 from tid_core import recipes
 
 pytestmark = pytest.mark.slow
@@ -123,9 +123,12 @@ def test_capacity_protocol_quick_runs_across_sessions_from_its_records(tmp_path:
     assert all(name in table for name in figures["trials"])
     assert len(list(records.rglob("*.json"))) == 3 + len(TUNED)  # nothing trained
 
-    # a second session, with an empty --out, reports: the locked trials come from the records;
-    # its teacher, trained again, must have the recorded weights (bitwise, on one machine)
+    # a second session, with an empty --out, reports: the locked trials come from the records,
+    # and its students distil from the teacher's weights kept beside them (not trained again)
+    (kept,) = records.rglob("teacher-*.safetensors")
     table, figures = run_quick(tmp_path / "report", *protocol, "--stage", "report", header=header)
+    assert not list((tmp_path / "report" / "work").glob("teacher-*"))
+    assert figures["settings"]["main"]["teacher"]["weights_digest"] == weights_digest(kept)
     rows = figures["settings"]["main"]["rows"]
     names = ["none", ALONE_AT_TEACHER_BUDGET, *TUNED]
     assert set(rows) == set(names)
