@@ -23,16 +23,17 @@ lint: venv
 typecheck: venv
 	$(VENV)/bin/mypy
 
-# Two pytest workers: most tests wait on subprocesses (trainers, workers, servers), so two
-# share the two cores well (10 -> 6 min here). The schema fuzz runs in a process of its own:
-# schemathesis gives its 18 operation tests one node id, and xdist tells tests apart by node id
-# (a mixed `-n 2 --dist load` run reported 1 of the 18). It and mypy are one busy process each,
-# so `checks` runs the two side by side (about 3 -> 2 min on 2 cores).
-XDIST := -n 2 --dist worksteal
+# Three pytest workers on two cores: many tests wait on subprocesses (trainers, workers,
+# servers, leases), so a third keeps the cores busy (the whole CI suite 17:44 -> 15:45 here,
+# the cores then 96% busy: a fourth would only queue). The schema fuzz runs in a process of
+# its own: schemathesis gives its 18 operation tests one node id, and xdist tells tests apart
+# by node id (a mixed `-n 2 --dist load` run reported 1 of the 18). It and mypy are one busy
+# process each, so `checks` runs the two side by side (about 3 -> 2 min on 2 cores).
+XDIST := -n 3 --dist worksteal
 FUZZ := tests/api/test_schema_fuzz.py
 
 # MARKS: which tests `unit` selects; `.ci/run` empties it to add the fault matrix to the same
-# two-worker pool (one pool packs the long tests better than two runs one after the other)
+# three-worker pool (one pool packs the long tests better than two runs one after the other)
 MARKS ?= not faults
 
 unit: venv

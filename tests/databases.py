@@ -1,6 +1,7 @@
 """PostgreSQL for the tests that also run against it: the shared server of
-`TID_TEST_POSTGRES_URL` (set by `.ci/run`), with a database of their own per test; and a
-test's own SQLite database, copied from one migrated once (tests/conftest.py)."""
+`TID_TEST_POSTGRES_URL` (set by `.ci/run`), with a database of their own per test; the service
+backends the integration tests run on; and a test's own SQLite database, copied from one
+migrated once (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,12 @@ from store.db.session import get_engine
 POSTGRES = os.environ.get(
     "TID_TEST_POSTGRES_URL"
 )  # e.g. postgresql://postgres@127.0.0.1:5432/postgres
+REDIS = os.environ.get("TID_TEST_REDIS_URL")  # e.g. redis://127.0.0.1:6379
+# the service stacks the integration tests run on (tests/integration/conftest.py)
+BACKENDS = ["embedded"] + (["postgres-redis"] if POSTGRES and REDIS else [])
+# a test about what the service does on any backend runs once: on PostgreSQL and Redis where
+# they are configured (CI), else on the embedded ones
+ANY_BACKEND = BACKENDS[-1:]
 
 
 @contextlib.contextmanager

@@ -21,16 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from databases import POSTGRES, postgres_database
+from databases import BACKENDS, REDIS, postgres_database
 
 from cli.client import Client
 from store.db.migrate import upgrade
 from store.db.session import session_scope
 from store.keys import create_key
 from store.settings import Settings
-
-REDIS = os.environ.get("TID_TEST_REDIS_URL")  # e.g. redis://127.0.0.1:6379
-BACKENDS = ["embedded"] + (["postgres-redis"] if POSTGRES and REDIS else [])
 
 
 def _stacks(pid: int) -> str:

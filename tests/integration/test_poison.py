@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 from conftest import Stack
+from databases import ANY_BACKEND
 from poison_inputs import check_memory_limit_mb, memory_bomb_zip
 from processes import AttemptWatch, alive, trainer_processes
 from service_jobs import assert_nothing_lost, make_dataset, tiny_spec, wait_job
@@ -76,6 +77,7 @@ def deliveries(stack: Stack, dataset_id: str) -> int:
         return session.get_one(Dataset, dataset_id).deliveries
 
 
+@pytest.mark.parametrize("stack", ANY_BACKEND, indirect=True)
 def test_an_upload_that_exhausts_the_check_memory_limit_fails_and_its_worker_runs_on(
     stack: Stack, tmp_path: Path
 ) -> None:

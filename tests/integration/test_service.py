@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 import torch
 from coco_folders import COCO_2017, with_split_names
+from databases import ANY_BACKEND
 from service_jobs import make_dataset, teacher_of, tiny_spec
 from torchvision.models import resnet18
 
@@ -27,6 +28,7 @@ def run_dir(stack: Any, job_id: str) -> Path:
     return stack.settings.jobs_dir / job_id
 
 
+@pytest.mark.parametrize("stack", ANY_BACKEND, indirect=True)
 def test_submit_train_distill_download(stack: Any, tmp_path: Path) -> None:
     stack.start_worker("worker")
     client = stack.client
