@@ -40,7 +40,7 @@ from typing import Protocol
 from sqlalchemy import desc, select
 from sqlalchemy.orm import Session
 
-from store.db import sends, transitions, workers
+from store.db import placement, sends, transitions, workers
 from store.db.models import Job, JobEvent, JobNode, utcnow
 from store.db.session import TRANSIENT_ERRORS, session_scope
 from store.queue import RUN_JOB, enqueue
@@ -213,14 +213,14 @@ def run_job(job_id: str, *, settings: Settings, shutdown: Flag | None = None) ->
 
 
 def _misfit(job: Job | None, worker: str, settings: Settings) -> str | None:
-    """Why this worker cannot run a queued job of one node (None: it can): the job asks for
-    more GPUs than the worker has. Only a worker that declares its GPUs (TID_WORKER_GPUS)
-    checks; one that does not runs what it is sent, as workers always did."""
+    """Why this worker cannot run a queued job of one node (None: it can), by the placement's
+    rule (`placement.fits`). Only a worker that declares its GPUs (TID_WORKER_GPUS) checks; one
+    that does not runs what it is sent, as workers always did."""
     gpus = settings.gpu_ids
     if job is None or job.state != "queued" or not gpus:
         return None
     resources = ResourcesSpec.model_validate(job.spec.get("resources", {}))
-    if resources.device == "cpu" or resources.nproc_per_node <= len(gpus):
+    if placement.fits(resources, len(gpus)):
         return None
     return (
         f"waiting for a worker with {resources.nproc_per_node} GPUs; {worker}, which took it, "

@@ -2,11 +2,12 @@
 
 Each reconciler pass takes the queued jobs with `nnodes > 1`, oldest `queued_at` first, and
 for each one picks `nnodes` alive idle workers that fit it (a CUDA job: workers with at least
-`nproc_per_node` GPUs; a CPU job: CPU workers; `auto`: GPU workers that fit, else CPU
-workers). In one transaction it reserves them (busy with the job), claims the job as a worker
-claims one (`transitions.claim`: next attempt, new token, leases) and writes a node row per
-rank; rank 0's worker's address is the rendezvous. A gang that cannot form reserves nothing:
-the job keeps a `waiting_reason` a user can read, and younger jobs may take the workers.
+`nproc_per_node` GPUs; a CPU job: any, those without GPUs first; `auto`: GPU workers that fit,
+else workers without GPUs). In one transaction it reserves them (busy with the job), claims
+the job as a worker claims one (`transitions.claim`: next attempt, new token, leases) and
+writes a node row per rank; rank 0's worker's address is the rendezvous. A gang that cannot
+form reserves nothing: the job keeps a `waiting_reason` a user can read, and younger jobs may
+take the workers.
 
 All or nothing in one transaction means that two gangs competing for the same workers never
 deadlock (neither holds part of what the other waits for), and oldest first means the same
@@ -17,6 +18,7 @@ workers it needs one at a time.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select, update
@@ -38,23 +40,35 @@ class Placed:
     workers: tuple[str, ...]  # by node rank
 
 
-def _fits(worker: Worker, device: str, nproc: int) -> bool:
-    if device == "cuda":
-        return len(worker.gpus) >= nproc
-    return worker.device == "cpu"
+def _kinds(resources: ResourcesSpec) -> list[Callable[[int], bool]]:
+    """Which workers, by their GPU count, may hold a node of the job, one kind per try: a gang's
+    nodes must agree on their device (nccl or gloo). A CUDA job needs `nproc_per_node` GPUs;
+    `auto` takes that many, else a worker without GPUs (where its trainer picks the CPU); a CPU
+    job runs on any worker."""
+    nproc = resources.nproc_per_node
+    if resources.device == "cuda":
+        return [lambda gpus: gpus >= nproc]
+    if resources.device == "auto":
+        return [lambda gpus: gpus >= nproc, lambda gpus: gpus == 0]
+    return [lambda _gpus: True]
+
+
+def fits(resources: ResourcesSpec, gpus: int) -> bool:
+    """Whether a worker with `gpus` GPUs may run a node of the job: the rule of the gangs here,
+    and of a worker that declares its GPUs and is sent a job of one node (worker/runner.py)."""
+    return any(kind(gpus) for kind in _kinds(resources))
 
 
 def _gang(idle: list[Worker], resources: ResourcesSpec) -> tuple[list[Worker], str]:
-    """The workers for the job (best fit first: fewest GPUs), or none and why it waits."""
+    """The workers for the job (best fit first: fewest GPUs, so a CPU job takes workers without
+    GPUs before any with them), or none and why it waits."""
     nnodes, nproc, device = resources.nnodes, resources.nproc_per_node, resources.device
-    tries = ["cuda", "cpu"] if device == "auto" else [device]
-    for kind in tries:
-        fit = sorted(
-            (w for w in idle if _fits(w, kind, nproc)), key=lambda w: (len(w.gpus), w.name)
-        )
+    kinds = _kinds(resources)
+    for kind in kinds:
+        fit = sorted((w for w in idle if kind(len(w.gpus))), key=lambda w: (len(w.gpus), w.name))
         if len(fit) >= nnodes:
             return fit[:nnodes], ""
-    fitting = max(sum(_fits(w, kind, nproc) for w in idle) for kind in tries)
+    fitting = max(sum(kind(len(w.gpus)) for w in idle) for kind in kinds)
     offer = f" with {nproc} GPU{'s' if nproc > 1 else ''}" if device == "cuda" else ""
     return [], f"waiting for {nnodes} workers{offer}; {fitting} idle"
 

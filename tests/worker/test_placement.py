@@ -139,12 +139,14 @@ def test_a_cuda_gang_needs_workers_with_enough_gpus(url: str) -> None:
     add_worker(url, "cpu")
     add_worker(url, "one", gpus=1)
     add_worker(url, "four", gpus=4)
-    cuda = add_job(url, nnodes=2, nproc_per_node=2, device="cuda")
-    cpu = add_job(url, nnodes=2, device="cpu")
+    cuda = add_job(url, nnodes=2, nproc_per_node=2, device="cuda", age=10)
+    cpu = add_job(url, nnodes=2, nproc_per_node=2, device="cpu")
 
-    assert place(url) == []
+    # the older CUDA gang cannot form; the CPU gang takes the worker without GPUs, then the one
+    # with the fewest (a CPU job runs on any worker, as one of one node does)
+    (placed,) = place(url)
     assert job(url, cuda).waiting_reason == "waiting for 2 workers with 2 GPUs; 1 idle"
-    assert job(url, cpu).waiting_reason == "waiting for 2 workers; 1 idle"
+    assert placed.job_id == cpu and placed.queues == ("q.node.cpu", "q.node.one")
 
     add_worker(url, "eight", gpus=8)
     (placed,) = place(url)
