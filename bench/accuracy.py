@@ -252,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"capacity: comma-separated, of {', '.join(SETTINGS)}",
     )
     parser.add_argument(
+        "--sizes",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="capacity: the CPU tables' sizes (128 px) or a GPU's (256 px; device_check.sh)",
+    )
+    parser.add_argument(
         "--cache",
         type=Path,
         help="capacity: the run records (default docs/results/capacity/runs; quick: under --out)",
@@ -315,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             args.out / "records" if args.quick else harness.ROOT / "docs/results/capacity/runs"
         )
         args.cache = args.cache or records
+    elif args.sizes != "cpu":
+        parser.error("--sizes: only with --protocol capacity")
     if args.seeds:
         args.seeds = [int(s) for s in args.seeds.split(",")]
     elif capacity_protocol:

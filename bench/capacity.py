@@ -143,13 +143,19 @@ CAPACITY_QUICK = dataclasses.replace(
     student_epochs=1,
     warmup_iters=1,
 )
-# a teacher's weights are bitwise the same when it is trained again on the same machine with
-# the same number of threads (not with another), and a run's records hold to its weights
-TEACHER_THREADS = 2
+# a GPU's sizes (`--sizes gpu`, bench/device_check.sh): the same protocol at twice the input
+# size, where an H100 trains the teacher in minutes
+CAPACITY_GPU = dataclasses.replace(CAPACITY, image_size=256)
+TEACHER_THREADS = 2  # the teacher trains alone: both cores
 
 
-def setting_recipe(setting: Setting, *, quick: bool) -> recipes.Recipe:
-    base = CAPACITY_QUICK if quick else CAPACITY
+def sized(args: argparse.Namespace) -> recipes.Recipe:
+    """The protocol's sizes for this run: quick, a GPU's, or the CPU tables'."""
+    return CAPACITY_QUICK if args.quick else CAPACITY_GPU if args.sizes == "gpu" else CAPACITY
+
+
+def setting_recipe(setting: Setting, *, quick: bool, gpu: bool = False) -> recipes.Recipe:
+    base = CAPACITY_QUICK if quick else CAPACITY_GPU if gpu else CAPACITY
     fpn = {"fpn_channels": 64} if quick else {}
     return dataclasses.replace(
         base,
@@ -434,7 +440,7 @@ class SettingRuns(NamedTuple):
 
 
 def setting_runs(args: argparse.Namespace, name: str, data: Path) -> SettingRuns:
-    recipe = setting_recipe(SETTINGS[name], quick=args.quick)
+    recipe = setting_recipe(SETTINGS[name], quick=args.quick, gpu=args.sizes == "gpu")
     dataset = {"path": str(data), "input_size": recipe.image_size}
     spec, run_dir = teacher_job(args, recipe, dataset, plateau=True)
     cache = RunCache(args.cache / name)
@@ -515,7 +521,7 @@ def capacity_report(
 def capacity(args: argparse.Namespace) -> dict[str, Any]:
     """The capacity-gap protocol's stage: the tuning grid, and (report, all) each setting's
     table from the methods locked by it."""
-    base = CAPACITY_QUICK if args.quick else CAPACITY
+    base = sized(args)
     data = prepare_data(args, base)
     held_out = tuning_data(args, base, data)
     started = time.monotonic()

@@ -18,11 +18,10 @@ from typing import Any
 
 from bench.accuracy_jobs import METHODS, TUNING_SEED, prepare_data, student_jobs, tuning_data
 from bench.capacity import (
-    CAPACITY,
-    CAPACITY_QUICK,
     TUNING_SETTING,
     recorded_teacher,
     setting_runs,
+    sized,
     tuning_trials,
 )
 from bench.distill_probe import probe
@@ -41,7 +40,7 @@ def distill_fall(record: dict[str, Any], terms: list[str]) -> float | None:
 
 def diagnosis(args: argparse.Namespace) -> dict[str, Any]:
     """Each trial's probe figures, recorded AP above the student alone and distillation fall."""
-    base = CAPACITY_QUICK if args.quick else CAPACITY
+    base = sized(args)
     data = prepare_data(args, base)
     held_out = tuning_data(args, base, data)
     runs = setting_runs(args, TUNING_SETTING, data)

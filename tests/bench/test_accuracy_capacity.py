@@ -3,12 +3,15 @@ statistics, and the keys of its run records (the protocol itself: test_accuracy_
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from bench import accuracy
 from bench.accuracy_jobs import METHODS, TEACHER_SEED, TUNING_SEED, Job, job_spec
 from bench.capacity import (
     ALONE_AT_TEACHER_BUDGET,
@@ -22,6 +25,7 @@ from bench.capacity import (
     recorded_teacher,
     report_table,
     setting_recipe,
+    sized,
     tuning_table,
     tuning_trials,
     weights_digest,
@@ -116,6 +120,18 @@ def test_every_setting_is_a_valid_teacher_and_student(name: str) -> None:
     archs = {setting_recipe(SETTINGS[n], quick=False).student["arch"] for n in SETTINGS}
     assert optimizers == {"sgd", "adamw"} and archs == {"fcos", "retinanet"}
     assert TEACHER_SEED != TUNING_SEED
+
+
+def test_a_gpus_sizes_are_the_cpu_tables_at_twice_the_input_size() -> None:
+    cpu, gpu = (sized(argparse.Namespace(quick=False, sizes=s)) for s in ("cpu", "gpu"))
+    assert (cpu.image_size, gpu.image_size) == (128, 256)
+    assert dataclasses.replace(gpu, image_size=128) == cpu
+    assert sized(argparse.Namespace(quick=True, sizes="gpu")).image_size == 64  # quick wins
+    for name, setting in SETTINGS.items():
+        recipe = setting_recipe(setting, quick=False, gpu=True)
+        assert recipe.image_size == 256 and recipe.optimizer == setting.optimizer, name
+    with pytest.raises(SystemExit):  # only the capacity protocol has sizes
+        accuracy.main(["--sizes", "gpu"])
 
 
 def test_a_record_is_keyed_by_the_data_folders_name_and_the_teachers_weights(
