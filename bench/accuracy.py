@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--cache",
         type=Path,
-        help="capacity: the run records (default docs/results/capacity/runs; quick: under --out)",
+        help="capacity: the run records (default docs/results/capacity/runs, with --sizes gpu "
+        "runs-gpu; quick: under --out)",
     )
     parser.add_argument(
         "--seeds", help="comma-separated reporting seeds (default 1,2,3; capacity 1,2,3,4,5)"
@@ -317,10 +318,10 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [s for s in args.settings if s not in SETTINGS]
         if unknown:
             parser.error(f"unknown settings {unknown}; expected some of {list(SETTINGS)}")
-        records = (
-            args.out / "records" if args.quick else harness.ROOT / "docs/results/capacity/runs"
-        )
-        args.cache = args.cache or records
+        # a GPU's records (other sizes, another machine) apart from the CPU tables'
+        folder = "runs-gpu" if args.sizes == "gpu" else "runs"
+        records = args.out / "records" if args.quick else harness.ROOT / "docs/results/capacity"
+        args.cache = (args.cache or records / folder).resolve()
     elif args.sizes != "cpu":
         parser.error("--sizes: only with --protocol capacity")
     if args.seeds:

@@ -50,6 +50,7 @@ from bench.accuracy_jobs import (
     TUNING_SEED,
     Job,
     cell,
+    cores,
     margin_problem,
     model_block,
     prepare_data,
@@ -146,7 +147,6 @@ CAPACITY_QUICK = dataclasses.replace(
 # a GPU's sizes (`--sizes gpu`, bench/device_check.sh): the same protocol at twice the input
 # size, where an H100 trains the teacher in minutes
 CAPACITY_GPU = dataclasses.replace(CAPACITY, image_size=256)
-TEACHER_THREADS = 2  # the teacher trains alone: both cores
 
 
 def sized(args: argparse.Namespace) -> recipes.Recipe:
@@ -297,11 +297,15 @@ class RunCache:
 
 def keep_half(trained: Path, kept: Path) -> None:
     """A half-precision copy of a teacher's weights, its metadata kept: ~58 MB for the
-    ResNet34-FPN256 teacher, small enough to commit (the trained file is twice that), and a
-    weight moves by at most a relative 2^-11. Every student distils from this copy (the model
-    loads it back into single precision), whichever session trained the teacher."""
+    ResNet34-FPN256 teacher, small enough to commit (the trained file is twice that); a weight
+    of magnitude 6e-5 or more moves by at most a relative 2^-11, a smaller one by at most 3e-8.
+    Every student distils from this copy (the model loads it back into single precision),
+    whichever session trained the teacher."""
     state, meta = read_weights(trained)
     half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    overflowed = [k for k, v in half.items() if v.is_floating_point() and not v.isfinite().all()]
+    if overflowed:  # beyond half precision's 65504
+        raise SystemExit(f"refused: {trained} has weights half precision cannot hold: {overflowed}")
     encoded = safetensors_bytes(half, metadata=meta.to_strings() if meta else None)
     write_atomic(kept, lambda f: f.write(encoded))
 
@@ -320,7 +324,7 @@ def recorded_teacher(cache: RunCache, spec: dict[str, Any], run_dir: Path) -> di
                 f"{cache.folder} away to start the setting over"
             )
         return record
-    result = run_job("teacher", spec, run_dir, inputs={}, threads=TEACHER_THREADS)
+    result = run_job("teacher", spec, run_dir, inputs={}, threads=cores())
     keep_half(run_dir / "student.safetensors", kept)
     record = cache.record(result, run_dir, kept)
     cache.put(file, record)

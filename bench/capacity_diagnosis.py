@@ -5,7 +5,7 @@ weights, on the tuning setting's data and seed, from the setting's teacher: how 
 pulls against the detection loss, whether it pulls the same way, and what it compares per FPN
 level. Beside each trial: its recorded AP above the student alone and how far its distillation
 terms fell from the first epoch to the last (records of the trials run so far; the probe itself
-trains nothing but the teacher, when its weights are not in --out).
+trains nothing but the teacher, when the setting has none recorded yet).
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 # One prepared check on a CUDA machine (see docs/BENCHMARKS.md): the trainer on CUDA with AMP
 # (a teacher job, then a TID student distilled from it, both under torchrun), then the
 # overhead benchmark (at 512 px with 20 paired rounds: GPU runs drift by more than the 5%
-# target), the data-loading share / per-GPU scaling of `bench/ddp.py`, and 10 minutes of the
-# capacity-gap accuracy protocol at 256 px. Writes its logs and JSON figures to $OUT (or
-# ./device-out).
+# target) and the data-loading share / per-GPU scaling of `bench/ddp.py`. `device_check.sh
+# capacity` instead runs the capacity-gap accuracy protocol at 256 px for at most 9 minutes (a
+# call of its own: a lent machine gives 10 minutes a command). Writes its logs and JSON figures
+# to $OUT (or ./device-out).
 set -euo pipefail
 OUT=${OUT:-device-out}; mkdir -p "$OUT"
 if [ -d .whl ]; then  # packages the device image lacks, carried as wheels
@@ -16,6 +17,16 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, torch.cuda.get_device_name())"
 W=/tmp/tid-check; rm -rf "$W"; mkdir -p "$W"
+if [ "${1:-}" = capacity ]; then
+  # its tuning stage (the teacher, the capacity check, then the trials in rounds, defaults
+  # first); each finished run's record is in $OUT/capacity, the printout in capacity_tune.log
+  timeout 540 python3 bench/accuracy.py --protocol capacity --stage tune --sizes gpu \
+    --device cuda --jobs 3 --cache "$OUT/capacity" --out "$W/capacity" \
+    --json "$OUT/capacity_tune.json" > "$OUT/capacity_tune.log" 2>&1 ||
+    echo "capacity: exit $? (124: stopped at its 9 minutes)"
+  tail -30 "$OUT/capacity_tune.log"
+  exit 0
+fi
 python3 -m tid_core.data.synthetic --out "$W/data" --num-train 512 --num-val 64 --image-size 256 --seed 0
 common='"dataset": {"path": "'$W'/data", "input_size": 256},
   "schedule": {"epochs": 3, "batch_size": 16, "optimizer": "adamw", "lr": 0.001, "weight_decay": 0.05,
@@ -53,10 +64,3 @@ python3 bench/overhead.py --device cuda --json "$OUT/overhead_128.json"
 python3 bench/overhead.py --device cuda --image-size 512 --batch-size 16 --rounds 20 \
   --json "$OUT/overhead_512.json"
 python3 bench/ddp.py --device cuda --json "$OUT/ddp_cuda.json"
-# the capacity-gap protocol (bench/capacity.py) at a GPU's sizes (256 px): its tuning stage for
-# at most 10 minutes (the teacher, the capacity check, then trials in rounds, defaults first);
-# the records of whatever finished are in $OUT/capacity, the printout in capacity_tune.log
-timeout 600 python3 bench/accuracy.py --protocol capacity --stage tune --sizes gpu --device cuda \
-  --jobs 3 --cache "$OUT/capacity" --out "$W/capacity" --json "$OUT/capacity_tune.json" \
-  > "$OUT/capacity_tune.log" 2>&1 || echo "capacity: exit $? (124: stopped at its 10 minutes)"
-tail -30 "$OUT/capacity_tune.log"

@@ -18,6 +18,7 @@ from bench.capacity import (
     DEFAULTS,
     SETTINGS,
     TUNED,
+    Grid,
     RunCache,
     epoch_means,
     keep_half,
@@ -57,6 +58,13 @@ def test_every_method_gets_the_same_number_of_trials_its_defaults_among_them() -
     trials = tuning_trials(quick=False)
     counts = {m: sum(method == m for method, _ in trials.values()) for m in TUNED}
     assert set(counts.values()) == {4}
+    # three loss weights at the knob's first value, its other value at the second weight
+    assert Grid("gamma", (0.5, 1.0), (0.5, 8.0, 32.0)).trials() == [
+        (0.5, 0.5),
+        (8.0, 0.5),
+        (32.0, 0.5),
+        (8.0, 1.0),
+    ]
     for method, grid in TUNED.items():
         blocks = [block for m, block in trials.values() if m == method]
         assert all(block["method"] == METHODS[method]["method"] for block in blocks)
@@ -130,8 +138,9 @@ def test_a_gpus_sizes_are_the_cpu_tables_at_twice_the_input_size() -> None:
     for name, setting in SETTINGS.items():
         recipe = setting_recipe(setting, quick=False, gpu=True)
         assert recipe.image_size == 256 and recipe.optimizer == setting.optimizer, name
-    with pytest.raises(SystemExit):  # only the capacity protocol has sizes
+    with pytest.raises(SystemExit) as refused:  # only the capacity protocol has sizes
         accuracy.main(["--sizes", "gpu"])
+    assert refused.value.code == 2  # argparse's usage error
 
 
 def test_a_record_is_keyed_by_the_data_folders_name_and_the_teachers_weights(
@@ -207,7 +216,14 @@ def test_a_recorded_teacher_without_its_kept_weights_is_refused(tmp_path: Path) 
     cache.put(cache.file("teacher", spec, {}), {"weights_digest": "d1", "curve": [1.0]})
     with pytest.raises(SystemExit, match="is missing or other"):
         recorded_teacher(cache, spec, tmp_path / "run")  # and nothing is trained
+    model = build_detector(arch="fcos", backbone="resnet18", num_classes=3, fpn_channels=64)
+    save_weights(model, DetectorMeta("fcos", "resnet18", 3, 64, 64), cache.kept(spec))
+    with pytest.raises(SystemExit, match="is missing or other"):  # other weights than recorded
+        recorded_teacher(cache, spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+    record = {"weights_digest": weights_digest(cache.kept(spec)), "curve": [1.0]}
+    cache.put(cache.file("teacher", spec, {}), record)
+    assert recorded_teacher(cache, spec, tmp_path / "run") == record  # the kept weights
 
 
 def test_a_records_trajectory_averages_each_term_per_epoch() -> None:
