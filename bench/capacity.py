@@ -151,11 +151,15 @@ CAPACITY_GPU = dataclasses.replace(CAPACITY, image_size=256)
 
 def sized(args: argparse.Namespace) -> recipes.Recipe:
     """The protocol's sizes for this run: quick, a GPU's, or the CPU tables'."""
-    return CAPACITY_QUICK if args.quick else CAPACITY_GPU if args.sizes == "gpu" else CAPACITY
+    return base_recipe(quick=args.quick, gpu=args.sizes == "gpu")
+
+
+def base_recipe(*, quick: bool, gpu: bool = False) -> recipes.Recipe:
+    return CAPACITY_QUICK if quick else CAPACITY_GPU if gpu else CAPACITY
 
 
 def setting_recipe(setting: Setting, *, quick: bool, gpu: bool = False) -> recipes.Recipe:
-    base = CAPACITY_QUICK if quick else CAPACITY_GPU if gpu else CAPACITY
+    base = base_recipe(quick=quick, gpu=gpu)
     fpn = {"fpn_channels": 64} if quick else {}
     return dataclasses.replace(
         base,
